@@ -1,0 +1,130 @@
+"""Data modules over the embedded shapes world (see shapes_world.py).
+
+Everything lives in memory as tensors and is tokenized once in ``setup``: batches are cut
+by index in ``__getitems__``, so the training loop never runs Python per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmlightning.data_modules import shapes_world as world
+from mmlightning.data_modules.common import ZeroShotSpec, already_batched, normalize_uint8, string_ids
+from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.encoders.outputs import ImageConfig
+from mmlightning.registry import DATA_MODULES, ConfigError
+
+
+class ShapesPairs(Dataset):
+    """Training pairs: image i with its first (left-to-right) caption."""
+
+    def __init__(self, split: world.ShapesSplit, tokenizer: Any, max_length: int, image_config: ImageConfig) -> None:
+        captions = [c[0] for c in split.captions]
+        self.images = torch.from_numpy(split.images)
+        self.text = tokenize(tokenizer, captions, max_length)
+        self.caption_id = string_ids(captions)
+        self.image_config = image_config
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return {
+            "image": normalize_uint8(self.images[idx], self.image_config),
+            "input_ids": self.text["input_ids"][idx],
+            "attention_mask": self.text["attention_mask"][idx],
+            "image_id": idx,
+            "caption_id": self.caption_id[idx],
+        }
+
+
+class ShapesEval(Dataset):
+    """Evaluation items: each image once, with all of its captions (see common.py)."""
+
+    def __init__(self, split: world.ShapesSplit, tokenizer: Any, max_length: int, image_config: ImageConfig) -> None:
+        self.images = torch.from_numpy(split.images)
+        flat = [c for caps in split.captions for c in caps]
+        self.owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
+        self.text = tokenize(tokenizer, flat, max_length)
+        self.caption_id = string_ids(flat)
+        classes = {o: k for k, o in enumerate(world.all_objects())}
+        self.label = torch.tensor([classes[s[0].combo] if len(s) == 1 else -1 for s in split.scenes])
+        self.image_config = image_config
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        text_idx = torch.nonzero(torch.isin(self.owner, idx)).squeeze(1)
+        return {
+            "image": normalize_uint8(self.images[idx], self.image_config),
+            "image_id": idx,
+            "label": self.label[idx],
+            "input_ids": self.text["input_ids"][text_idx],
+            "attention_mask": self.text["attention_mask"][text_idx],
+            "text_image_id": self.owner[text_idx],
+            "caption_id": self.caption_id[text_idx],
+            "text_id": text_idx,
+        }
+
+
+@DATA_MODULES.register("shapes_clip")
+class ShapesCLIPData(L.LightningDataModule):
+    """Image-caption pairs from the shapes world, rendered at the vision encoder's size.
+
+    Zero-shot classes are every (size, colour, shape); the ``heldout`` group holds those
+    never shown in training, so its accuracy measures generalisation.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_train: int = 20000,
+                 num_val: int = 1000, num_test: int = 1000, seed: int = 0, max_objects: int = 3,
+                 heldout: list[list[str]] | None = None, batch_size: int = 256, eval_batch_size: int = 500,
+                 num_workers: int = 0, zero_shot_templates: tuple[str, ...] = ("a {}",)) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size} / eval {eval_batch_size}")
+        if not 1 <= max_objects <= 3:
+            raise ConfigError(f"data.max_objects must be 1, 2 or 3, got {max_objects}")
+        self.heldout = tuple(tuple(h) for h in heldout) if heldout is not None else world.DEFAULT_HELDOUT
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
+        self.seed, self.max_objects = seed, max_objects
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        objects = world.all_objects()
+        self.zero_shot = ZeroShotSpec(
+            classnames=[world.object_phrase(o) for o in objects], templates=list(zero_shot_templates),
+            groups={"heldout": [i for i, o in enumerate(objects) if o in self.heldout],
+                    "seen": [i for i, o in enumerate(objects) if o not in self.heldout]},
+        )
+        self.datasets: dict[str, Dataset] = {}
+
+    def render(self, split: str) -> world.ShapesSplit:
+        return world.generate(split, self.sizes[split], seed=self.seed, image_size=self.image_config.size,
+                              max_objects=self.max_objects, heldout=self.heldout)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
+        for split in wanted:
+            if split not in self.datasets:
+                kind = ShapesPairs if split == "train" else ShapesEval
+                self.datasets[split] = kind(self.render(split), self.tokenizer, self.max_length, self.image_config)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                          collate_fn=already_batched, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)

@@ -1,0 +1,143 @@
+"""Recipe -> objects: task module, data module, Trainer (callbacks, loggers, precision).
+
+The CLI calls these; nothing here parses arguments or prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+
+from mmlightning.registry import DATA_MODULES, TASKS, ConfigError, check_kwargs
+
+
+def import_components(imports: list[str] | None = None) -> None:
+    """Import the built-in components and the user's modules (``imports:`` in the recipe,
+    module names or paths to .py files), whose decorators register new names."""
+    import mmlightning.data_modules.coco  # noqa: F401
+    import mmlightning.data_modules.shapes  # noqa: F401
+    import mmlightning.encoders  # noqa: F401
+    import mmlightning.losses  # noqa: F401
+    import mmlightning.optim  # noqa: F401
+    import mmlightning.tasks  # noqa: F401
+
+
+    for name in imports or []:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                if spec is None or not path.is_file():
+                    raise FileNotFoundError(name)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            else:
+                importlib.import_module(name)
+        except (ImportError, FileNotFoundError) as err:
+            raise ConfigError(f"imports: cannot import {name!r}: {err}") from None
+
+
+def build_task(cfg: dict[str, Any]):
+    """The task's keyword arguments are the recipe's ``model:`` section plus its loss,
+    optimizer and schedule."""
+    import_components(cfg.get("imports"))
+    task_cls = TASKS.get(str(cfg["task"]), "task")
+    model = dict(cfg.get("model") or {})
+    check_kwargs(task_cls, model, "model")
+    task = task_cls(**model, loss=cfg["loss"], optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler"))
+    task.recipe = cfg
+    return task
+
+
+def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
+    return DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs())
+
+
+def resolve_precision(precision: str | int) -> str | int:
+    """'auto': bf16-mixed where the hardware runs bf16 fast, else full fp32."""
+    if str(precision) != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def wandb_mode(requested: str) -> str:
+    """'auto': online when credentials exist (WANDB_API_KEY or a netrc entry), else offline.
+    WANDB_MODE in the environment wins, as wandb itself does."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if requested != "auto":
+        return requested
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> list[Any]:
+    spec = dict(cfg.get("logger") or {"name": "none"})
+    kind = spec.pop("name", "none")
+    if kind == "none":
+        return []
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    if kind != "wandb":
+        raise ConfigError(f"logger.name: unknown logger {kind!r}. Valid: wandb, csv, none.")
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    mode = wandb_mode(str(spec.pop("mode", "auto")))
+    valid = {"project", "entity", "group", "tags", "notes"}
+    for key in spec:
+        if key not in valid:
+            from mmlightning.registry import did_you_mean
+
+            raise ConfigError(f"logger.{key}: unknown option for wandb.{did_you_mean(key, sorted(valid))} Valid: {', '.join(sorted(valid))}, mode.")
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    wandb_logger = WandbLogger(
+        name=run_dir.name, save_dir=str(run_dir), id=wandb_id, resume="allow", mode=mode, config=cfg,
+        project=spec.get("project") or "mmlightning", entity=spec.get("entity"), group=spec.get("group"),
+        tags=list(spec.get("tags") or []), notes=spec.get("notes"),
+    )
+    # CSV beside W&B: a plain-text record that needs no tool to read
+    return [wandb_logger, CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+
+
+def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
+                  enable_checkpointing: bool = True) -> L.Trainer:
+    trainer_kwargs = dict(cfg.get("trainer") or {})
+    check_kwargs(L.Trainer.__init__, trainer_kwargs, "trainer")
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
+    callbacks: list[Any] = [RichProgressBar(leave=True)]
+    loggers: list[Any] = []
+    if run_dir is not None:
+        loggers = build_loggers(cfg, run_dir, wandb_id)
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if enable_checkpointing:
+            ckpt = dict(cfg.get("checkpoint") or {})
+            check_kwargs(ModelCheckpoint.__init__, ckpt, "checkpoint")
+            callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                             filename="best-{step}", **ckpt))
+    return L.Trainer(
+        default_root_dir=str(run_dir) if run_dir else None, callbacks=callbacks, logger=loggers or False,
+        enable_checkpointing=enable_checkpointing and run_dir is not None, **trainer_kwargs,
+    )

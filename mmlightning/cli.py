@@ -1,0 +1,177 @@
+"""``mml``: list, show, copy, check and run recipes.
+
+    mml ls [filter]                      recipes and their descriptions
+    mml show RECIPE [key=value ...]      the resolved config
+    mml cp RECIPE PATH                   copy a recipe to edit
+    mml check RECIPE [key=value ...]     build everything, one forward pass, no training
+    mml fit RECIPE [key=value ...] [--resume RUN_DIR|auto]
+    mml validate|test RECIPE [key=value ...] --ckpt CKPT_OR_RUN_DIR
+
+RECIPE is a packaged recipe's name or a path to a YAML file. Overrides: ``key=value`` changes
+a key, ``+key=value`` adds one, ``~key`` removes one. ``ls``, ``show`` and ``cp`` never
+import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mmlightning import config as C
+from mmlightning.registry import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ls", help="list recipes")
+    p.add_argument("filter", nargs="?", default="")
+    for name, text in (("show", "print the resolved config"), ("check", "build and run one forward pass")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("cp", help="copy a recipe to a file you can edit")
+    p.add_argument("recipe")
+    p.add_argument("path")
+    p = sub.add_parser("fit", help="train, then test the best checkpoint")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--resume", help="a run directory, or 'auto' for the newest run of this recipe")
+    for name in ("validate", "test"):
+        p = sub.add_parser(name, help=f"evaluate on the {'validation' if name == 'validate' else 'test'} split")
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*")
+        p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        if args.traceback or os.environ.get("MML_TRACEBACK"):
+            raise
+        print(f"mml {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = C.list_recipes(args.filter)
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print(C.to_yaml(C.resolve(C.load_recipe(args.recipe, args.overrides))), end="")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src, dst = C.recipe_path(args.recipe), Path(args.path)
+    if dst.exists():
+        raise ConfigError(f"{dst} already exists; not overwriting it.")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    print(f"copied {src.name} to {dst}; run it with `mml fit {dst}`")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmlightning.build import build_datamodule, build_task
+
+    cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
+    task = build_task(cfg)
+    datamodule = build_datamodule(cfg, task)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = {k: v[:4] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    task.eval()
+    with torch.no_grad():
+        loss = task.training_step(batch, 0)
+    n_params = sum(p.numel() for p in task.parameters())
+    print(f"ok: {cfg['recipe']} builds; {n_params / 1e6:.2f}M parameters; "
+          f"one batch of {len(batch['image'])} -> loss {float(loss):.4f}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from mmlightning import runs
+
+    resume = args.resume
+    recipe_cfg = C.load_recipe(args.recipe, args.overrides)
+    cfg = C.resolve(recipe_cfg)
+    resume = resume or (cfg.get("run") or {}).get("resume")
+    run_root = Path((cfg.get("run") or {}).get("root") or "runs")
+    ckpt_path = None
+    if resume:
+        run_dir = runs.find_latest_run(run_root, cfg["recipe"]) if resume == "auto" else Path(resume)
+        ckpt_path = runs.resume_checkpoint(run_dir)
+        saved = run_dir / runs.CONFIG_FILE
+        cfg = C.resolve(C.load_recipe(saved, [o for o in args.overrides]))
+        wandb_id = runs.read_meta(run_dir).get("wandb_id") or runs.new_wandb_id()
+        print(f"resuming {run_dir} from {ckpt_path.name}")
+    else:
+        name = (cfg.get("run") or {}).get("name") or runs.default_run_name(cfg["recipe"])
+        run_dir = runs.new_run_dir(run_root, name)
+        wandb_id = runs.new_wandb_id()
+    cfg.setdefault("run", {})["name"] = run_dir.name
+    runs.write_run_files(run_dir, C.to_yaml(cfg), cfg["recipe"], wandb_id)
+    return _fit(cfg, run_dir, ckpt_path, wandb_id)
+
+
+def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: str) -> int:
+    import lightning as L
+
+    from mmlightning.build import build_datamodule, build_task, build_trainer
+    from mmlightning.summary import print_summary
+
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    task = build_task(cfg)
+    datamodule = build_datamodule(cfg, task)
+    trainer = build_trainer(cfg, run_dir, wandb_id)
+    start = time.time()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    fit_seconds = time.time() - start
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+    if trainer.is_global_zero:
+        print_summary(cfg, run_dir, trainer, results[0] if results else {}, fit_seconds, best)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import lightning as L
+
+    from mmlightning import runs
+    from mmlightning.build import build_datamodule, build_task, build_trainer
+
+    cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    task = build_task(cfg)
+    datamodule = build_datamodule(cfg, task)
+    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False)
+    ckpt = str(runs.eval_checkpoint(args.ckpt)) if args.ckpt else None
+    if ckpt is None:
+        print("note: no --ckpt given; evaluating freshly initialised weights", file=sys.stderr)
+    run = trainer.validate if args.command == "validate" else trainer.test
+    results = run(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    for key, value in sorted((results[0] if results else {}).items()):
+        print(f"{key:<28} {value:.4f}")
+    return 0
+
+
+COMMANDS = {"ls": cmd_ls, "show": cmd_show, "cp": cmd_cp, "check": cmd_check, "fit": cmd_fit,
+            "validate": cmd_evaluate, "test": cmd_evaluate}
+
+if __name__ == "__main__":
+    sys.exit(main())

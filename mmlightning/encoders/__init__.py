@@ -1,0 +1,10 @@
+"""Vision and text encoders ("towers"), projection heads and tokenizers.
+
+Importing this package registers the built-in encoders: ``shapes_cnn`` and ``timm:<model>``
+for images, ``small_transformer`` and ``hf:<config-or-dir>`` for text.
+"""
+
+from mmlightning.encoders.outputs import ImageConfig, TextOutput, VisionOutput
+from mmlightning.encoders import projection, text, vision  # noqa: F401  (registers names)
+
+__all__ = ["ImageConfig", "TextOutput", "VisionOutput"]

@@ -1,0 +1,18 @@
+"""Projection heads map a tower's pooled vector into the shared embedding space."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmlightning.registry import PROJECTIONS
+
+
+@PROJECTIONS.register("linear")
+def linear(in_dim: int, out_dim: int, bias: bool = False) -> nn.Module:
+    return nn.Linear(in_dim, out_dim, bias=bias)
+
+
+@PROJECTIONS.register("mlp")
+def mlp(in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
+    hidden = hidden_dim or in_dim
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))

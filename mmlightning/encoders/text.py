@@ -1,0 +1,105 @@
+"""Text encoders: any HF transformers encoder, and a small transformer for closed vocabularies.
+
+Each returns ``TextOutput(pooled, tokens, mask)`` and carries ``tokenizer`` and
+``max_length``, which the data module uses to tokenize once, outside the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlightning.encoders.outputs import TextOutput
+from mmlightning.encoders.tokenizers import named_vocabulary, word_tokenizer
+from mmlightning.registry import TEXT_ENCODERS, ConfigError
+
+
+def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return tokens[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(tokens.dtype)
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+@TEXT_ENCODERS.register("small_transformer")
+class SmallTextTransformer(nn.Module):
+    """Pre-norm transformer over word tokens with learned positions; pooled at [CLS]."""
+
+    def __init__(self, vocab: str = "shapes", width: int = 128, layers: int = 2, heads: int = 4,
+                 max_length: int = 32, pooling: str = "cls", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.tokenizer = word_tokenizer(named_vocabulary(vocab))
+        self.max_length = max_length
+        self.pooling = pooling
+        self.output_dim = self.token_dim = width
+        self.embed = nn.Embedding(len(self.tokenizer), width, padding_idx=self.tokenizer.pad_token_id)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_length, width))
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        mask = attention_mask.bool()
+        x = self.embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]
+        x = self.norm(self.transformer(x, src_key_padding_mask=~mask))
+        return TextOutput(pooled=pool(x, mask, self.pooling), tokens=x, mask=mask)
+
+
+@TEXT_ENCODERS.register("hf:")
+class HFTextEncoder(nn.Module):
+    """``hf:<local dir | hub id | model type>``: a transformers encoder (BERT, RoBERTa, ...).
+
+    - a local directory loads its weights and tokenizer (works offline);
+    - ``pretrained: false`` builds the architecture from its config with fresh weights;
+      ``config:`` overrides config fields (e.g. ``num_hidden_layers: 2`` to shrink it);
+    - a model type (``hf:bert``) builds from ``config:`` alone and needs ``tokenizer:``.
+    """
+
+    def __init__(self, name_or_path: str, pretrained: bool = True, config: dict[str, Any] | None = None,
+                 tokenizer: str | None = None, pooling: str = "cls", max_length: int = 64,
+                 grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        overrides = dict(config or {})
+        is_dir = Path(name_or_path).is_dir()
+        try:
+            if not is_dir and name_or_path in CONFIG_MAPPING:
+                hf_config = AutoConfig.for_model(name_or_path, **overrides)
+                pretrained = False
+                if tokenizer is None:
+                    raise ConfigError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
+                                      f"give tokenizer: <local dir or hub id>.")
+            else:
+                hf_config = AutoConfig.from_pretrained(name_or_path, **overrides)
+            if pretrained:
+                self.model = AutoModel.from_pretrained(name_or_path, config=hf_config, add_pooling_layer=False) \
+                    if hf_config.model_type in ("bert", "roberta") else AutoModel.from_pretrained(name_or_path, config=hf_config)
+            else:
+                self.model = AutoModel.from_config(hf_config)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+        except OSError as err:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise ConfigError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+                              f"{str(err).splitlines()[0]} Give a local directory with config.json "
+                              f"and tokenizer files.") from None
+        if grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.pooling = pooling
+        self.max_length = min(max_length, getattr(hf_config, "max_position_embeddings", max_length))
+        self.output_dim = self.token_dim = hf_config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
+        tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.bool()
+        return TextOutput(pooled=pool(tokens, mask, self.pooling), tokens=tokens, mask=mask)

@@ -1,0 +1,78 @@
+"""Image<->text retrieval recall@K over a whole evaluation split.
+
+Protocol (as LAVIS and the COCO/Flickr papers): an image query is a hit at K if *any* of its
+captions is among the K nearest texts; a text query is a hit if its own image is among the K
+nearest images. ``*_str`` variants also accept an identical caption string belonging to
+another image: in a synthetic world many images share a caption, and picking one of them is
+not an error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class RetrievalRecall(Metric):
+    full_state_update = False
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> None:
+        super().__init__()
+        self.ks, self.chunk = tuple(ks), chunk
+        for name in ("image_features", "image_ids", "text_features", "text_image_ids", "caption_ids", "text_ids"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, image_features: torch.Tensor, image_ids: torch.Tensor, text_features: torch.Tensor,
+               text_image_ids: torch.Tensor, caption_ids: torch.Tensor, text_ids: torch.Tensor) -> None:
+        self.image_features.append(image_features.detach().float())
+        self.image_ids.append(image_ids)
+        self.text_features.append(text_features.detach().float())
+        self.text_image_ids.append(text_image_ids)
+        self.caption_ids.append(caption_ids)
+        self.text_ids.append(text_ids)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list until synced)
+        # distributed samplers pad with repeats: keep each image and caption once
+        image_ids, first = _unique_first(cat(self.image_ids))
+        images = cat(self.image_features)[first]
+        _, tfirst = _unique_first(cat(self.text_ids))
+        texts = cat(self.text_features)[tfirst]
+        owner, cap = cat(self.text_image_ids)[tfirst], cat(self.caption_ids)[tfirst]
+        # dense row numbers for image ids, so (image, caption string) pairs hash to one int
+        row_of = {int(i): r for r, i in enumerate(image_ids.tolist())}
+        owner_row = torch.tensor([row_of[int(i)] for i in owner.tolist()], device=texts.device)
+        n_cap = int(cap.max()) + 1 if cap.numel() else 1
+        image_has_caption = torch.unique(owner_row * n_cap + cap)
+        kmax = max(self.ks)
+        out: dict[str, torch.Tensor] = {}
+        i2t = self._topk(images, texts, kmax)  # (n_img, k) text indices
+        rows = torch.arange(len(images), device=texts.device)[:, None]
+        hit_own = owner_row[i2t] == rows
+        hit_str = torch.isin(rows * n_cap + cap[i2t], image_has_caption)
+        t2i = self._topk(texts, images, kmax)  # (n_txt, k) image rows
+        hit_t_own = t2i == owner_row[:, None]
+        hit_t_str = torch.isin(t2i * n_cap + cap[:, None], image_has_caption)
+        for k in self.ks:
+            out[f"i2t_R@{k}"] = hit_own[:, :k].any(1).float().mean()
+            out[f"t2i_R@{k}"] = hit_t_own[:, :k].any(1).float().mean()
+            out[f"i2t_R@{k}_str"] = hit_str[:, :k].any(1).float().mean()
+            out[f"t2i_R@{k}_str"] = hit_t_str[:, :k].any(1).float().mean()
+        out["mean_recall"] = torch.stack([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in self.ks]).mean()
+        return out
+
+    def _topk(self, queries: torch.Tensor, gallery: torch.Tensor, k: int) -> torch.Tensor:
+        k = min(k, len(gallery))
+        parts = [(q @ gallery.T).topk(k, dim=1).indices for q in queries.split(self.chunk)]
+        idx = torch.cat(parts)
+        if idx.shape[1] < max(self.ks):  # tiny galleries: pad with a repeat so slicing works
+            idx = torch.cat([idx, idx[:, -1:].expand(-1, max(self.ks) - idx.shape[1])], dim=1)
+        return idx
+
+
+def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids and the position of the first occurrence of each."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+    return uniq, first

@@ -1,0 +1,56 @@
+"""Optimizers and learning-rate schedules, chosen by name in a recipe's ``optimizer:`` and
+``scheduler:`` sections."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from mmlightning.registry import OPTIMIZERS, SCHEDULERS, ConfigError
+
+
+def _check_lr(lr: float, weight_decay: float) -> None:
+    if not lr > 0:
+        raise ConfigError(f"optimizer.lr must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {weight_decay}")
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.98),
+          eps: float = 1e-6) -> torch.optim.Optimizer:
+    _check_lr(lr, weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params: Iterable, lr: float = 0.1, weight_decay: float = 0.0, momentum: float = 0.9,
+        nesterov: bool = False) -> torch.optim.Optimizer:
+    _check_lr(lr, weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
+@SCHEDULERS.register("cosine")
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+           min_lr_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+@SCHEDULERS.register("constant")
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps))

@@ -1,0 +1,114 @@
+"""One small registry: components are chosen in recipes by name.
+
+    @VISION_ENCODERS.register("my_cnn")
+    class MyCNN(nn.Module): ...
+
+A recipe then says ``model.vision.name: my_cnn`` and the remaining keys of that node become
+keyword arguments. A *prefix* entry (``timm:<model>``, ``hf:<config-or-dir>``) hands the part
+after the colon to one factory, so any timm or transformers model is one word away.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A problem with a recipe, an override or a component spec, phrased for the user."""
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str) -> None:
+    """Fail with the key's full path if ``kwargs`` holds a name ``fn`` does not take."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in kwargs:
+        if key not in valid:
+            raise ConfigError(
+                f"{where}.{key}: unknown option for {getattr(fn, '__qualname__', fn)}."
+                f"{did_you_mean(key, valid)} Valid options: {', '.join(sorted(valid)) or '(none)'}."
+            )
+
+
+class Registry:
+    """Maps names to classes or factory functions of one kind of component."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._prefixes: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        """Decorator: ``@REG.register("name")``. A name ending in ':' registers a prefix
+        factory, called as ``factory(rest_of_name, **kwargs)``."""
+
+        def add(obj: Callable) -> Callable:
+            table = self._prefixes if name.endswith(":") else self._entries
+            key = name.rstrip(":")
+            if key in table and table[key] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {table[key]}")
+            table[key] = obj
+            return obj
+
+        return add
+
+    def names(self) -> list[str]:
+        return sorted(self._entries) + [f"{p}:<name>" for p in sorted(self._prefixes)]
+
+    def get(self, name: str, where: str = "") -> Callable[..., Any]:
+        if name in self._entries:
+            return self._entries[name]
+        prefix, sep, _ = name.partition(":")
+        if sep and prefix in self._prefixes:
+            return self._prefixes[prefix]
+        where = f"{where}: " if where else ""
+        raise ConfigError(
+            f"{where}unknown {self.kind} {name!r}.{did_you_mean(name, list(self._entries))} "
+            f"Valid names: {', '.join(self.names())}. Register your own with "
+            f"@mmlightning.registry.{registry_variable(self)}.register('name') in a module "
+            f"listed under `imports:`."
+        )
+
+    def build(self, spec: Mapping[str, Any], where: str = "", **extra: Any) -> Any:
+        """Build from ``{"name": ..., **kwargs}``; ``extra`` are arguments the framework
+        supplies (e.g. a tokenizer), not the recipe."""
+        if "name" not in spec:
+            raise ConfigError(f"{where}: missing 'name'. Valid names: {', '.join(self.names())}.")
+        name = str(spec["name"])
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        fn = self.get(name, where=f"{where}.name" if where else "name")
+        check_kwargs(fn, kwargs, where)
+        if name in self._entries:
+            return fn(**kwargs, **extra)
+        return fn(name.partition(":")[2], **kwargs, **extra)
+
+    def __contains__(self, name: str) -> bool:
+        prefix, sep, _ = name.partition(":")
+        return name in self._entries or (bool(sep) and prefix in self._prefixes)
+
+
+def registry_variable(reg: Registry) -> str:
+    for var, value in globals().items():
+        if value is reg:
+            return var
+    return "Registry"
+
+
+VISION_ENCODERS = Registry("vision encoder")
+TEXT_ENCODERS = Registry("text encoder")
+PROJECTIONS = Registry("projection head")
+FUSION_HEADS = Registry("fusion head")
+LOSSES = Registry("loss")
+DATA_MODULES = Registry("data module")
+TASKS = Registry("task")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("lr schedule")

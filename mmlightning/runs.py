@@ -1,0 +1,94 @@
+"""Run directories: ``runs/<name>/`` holds the resolved config, checkpoints, logs, the W&B run
+and the summary. A run directory is never reused unless resuming it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from mmlightning.registry import ConfigError
+
+CONFIG_FILE = "config.yaml"
+META_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+# Lightning re-runs the command line for each extra local rank; the first picks the run
+# directory and hands it to the others through this variable.
+RUN_DIR_ENV = "MML_RUN_DIR"
+
+
+def is_global_zero() -> bool:
+    return all(int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"))
+
+
+def default_run_name(recipe: str) -> str:
+    # under SLURM or torchrun every rank starts alone: a job id names the run the same everywhere
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return f"{recipe}-{job if job != 'none' else time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """A fresh run directory; an existing one is an error, never silently overwritten."""
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and not is_global_zero():
+        return Path(inherited)
+    run_dir = Path(root) / name
+    if is_global_zero():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} already exists. Continue it with `--resume {run_dir}`, "
+                f"or pick another name with run.name=..."
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def find_latest_run(root: str | Path, recipe: str) -> Path:
+    """The newest run of ``recipe`` under ``root`` that has a last checkpoint (``--resume auto``)."""
+    candidates = []
+    for meta in Path(root).glob(f"*/{META_FILE}"):
+        info = json.loads(meta.read_text())
+        if info.get("recipe") == recipe and (meta.parent / "checkpoints" / "last.ckpt").is_file():
+            candidates.append((meta.stat().st_mtime, meta.parent))
+    if not candidates:
+        raise ConfigError(f"--resume auto: no run of recipe {recipe!r} with checkpoints/last.ckpt under {str(root)!r}.")
+    return max(candidates)[1]
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: {last} does not exist.")
+    return last
+
+
+def eval_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        best = sorted((path / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if best:
+            return best[-1]
+        return resume_checkpoint(path)
+    raise ConfigError(f"checkpoint {str(path)!r}: no such file or run directory.")
+
+
+def write_run_files(run_dir: Path, config_yaml: str, recipe: str, wandb_id: str) -> None:
+    if is_global_zero():
+        (run_dir / CONFIG_FILE).write_text(config_yaml)
+        (run_dir / META_FILE).write_text(json.dumps({"recipe": recipe, "wandb_id": wandb_id}, indent=2))
+
+
+def read_meta(run_dir: Path) -> dict[str, Any]:
+    meta = run_dir / META_FILE
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def new_wandb_id() -> str:
+    return secrets.token_hex(4)
