@@ -105,13 +105,14 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> l
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     mode = wandb_mode(str(spec.pop("mode", "auto")))
+    run_dir = run_dir.resolve()  # wandb's service process has its own working directory
     valid = {"project", "entity", "group", "tags", "notes"}
     for key in spec:
         if key not in valid:
             from mmlightning.registry import did_you_mean
 
             raise ConfigError(f"logger.{key}: unknown option for wandb.{did_you_mean(key, sorted(valid))} Valid: {', '.join(sorted(valid))}, mode.")
-    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ["WANDB_DIR"] = str(run_dir)  # the W&B run lives in the run directory, whatever the environment says
     wandb_logger = WandbLogger(
         name=run_dir.name, save_dir=str(run_dir), id=wandb_id, resume="allow", mode=mode, config=cfg,
         project=spec.get("project") or "mmlightning", entity=spec.get("entity"), group=spec.get("group"),

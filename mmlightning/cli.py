@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*")
         p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
-    args = parser.parse_args(argv)
+    # overrides may come before or after options: `mml fit R a=1 --resume auto b=2`
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
@@ -144,9 +149,16 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
     if trainer.is_global_zero:
         print_summary(cfg, run_dir, trainer, results[0] if results else {}, fit_seconds, best)
+    finish_loggers(trainer)
+    return 0
+
+
+def finish_loggers(trainer: Any) -> None:
+    """Flush and close the W&B run now, so a second run in this process starts a new one."""
     for logger in trainer.loggers:
         logger.finalize("success")
-    return 0
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -78,15 +78,20 @@ class Registry:
             f"listed under `imports:`."
         )
 
+    def check(self, spec: Mapping[str, Any], where: str) -> None:
+        """Fail now, before any training, on an unknown name or keyword argument."""
+        if "name" not in spec:
+            raise ConfigError(f"{where}: missing 'name'. Valid names: {', '.join(self.names())}.")
+        fn = self.get(str(spec["name"]), where=f"{where}.name")
+        check_kwargs(fn, {k: v for k, v in spec.items() if k != "name"}, where)
+
     def build(self, spec: Mapping[str, Any], where: str = "", **extra: Any) -> Any:
         """Build from ``{"name": ..., **kwargs}``; ``extra`` are arguments the framework
         supplies (e.g. a tokenizer), not the recipe."""
-        if "name" not in spec:
-            raise ConfigError(f"{where}: missing 'name'. Valid names: {', '.join(self.names())}.")
+        self.check(spec, where)
         name = str(spec["name"])
         kwargs = {k: v for k, v in spec.items() if k != "name"}
-        fn = self.get(name, where=f"{where}.name" if where else "name")
-        check_kwargs(fn, kwargs, where)
+        fn = self.get(name)
         if name in self._entries:
             return fn(**kwargs, **extra)
         return fn(name.partition(":")[2], **kwargs, **extra)

@@ -23,12 +23,12 @@ def print_summary(cfg: dict[str, Any], run_dir: Path, trainer: Any, test_metrics
                   fit_seconds: float, best_checkpoint: str | None) -> dict[str, Any]:
     summary = {
         "recipe": cfg["recipe"],
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.resolve()),
         "global_step": trainer.global_step,
         "fit_seconds": round(fit_seconds, 1),
         "test": {k: float(v) for k, v in sorted(test_metrics.items())},
         "best_checkpoint": best_checkpoint,
-        "last_checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "last_checkpoint": str((run_dir / "checkpoints" / "last.ckpt").resolve()),
         "wandb_run": wandb_run_dir(trainer),
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

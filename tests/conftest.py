@@ -18,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+os.environ["WANDB_CONSOLE"] = "off"  # wandb wraps stdout, which pytest closes between tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -36,7 +36,7 @@ def test_overrides_set_add_remove() -> None:
 @pytest.mark.parametrize("override, message", [
     ("trainer.max_epoch=3", "trainer.max_epoch: unknown key. Did you mean trainer.max_epochs"),
     ("trainr.max_epochs=3", "unknown key 'trainr'. Did you mean trainer"),
-    ("trainer.max_epochs=2.5", "trainer.max_epochs: expected int (like 20), got 2.5 (float)"),
+    ("trainer.max_epochs=2.5", "trainer.max_epochs: expected int (like 15), got 2.5 (float)"),
     ("optimizer.lr=fast", "optimizer.lr: expected float"),
     ("loss.local_loss=maybe", "loss.local_loss: expected bool"),
     ("+trainer.max_epochs=3", "+trainer.max_epochs: the key already exists"),
@@ -65,7 +65,7 @@ def test_unknown_recipe_suggests(capsys: pytest.CaptureFixture) -> None:
 def test_recipe_from_path_and_cp(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["cp", "clip-shapes", "mine/my-clip.yaml"]) == 0
     path = tmp_path / "mine" / "my-clip.yaml"
-    path.write_text(path.read_text().replace("max_epochs: 20", "max_epochs: 7"))
+    path.write_text(path.read_text().replace("max_epochs: 15", "max_epochs: 7"))
     cfg = resolve(load_recipe(str(path)))  # defaults still resolve to the packaged base
     assert cfg["trainer"]["max_epochs"] == 7 and cfg["recipe"] == "my-clip"
     assert main(["cp", "clip-shapes", str(path)]) == 2  # never overwrites

@@ -62,15 +62,13 @@ class TimmEncoder(nn.Module):
                  model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
-        if img_size is not None:
-            kwargs["img_size"] = img_size
         if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
             from mmlightning.registry import did_you_mean
 
             raise ConfigError(f"timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
                               f"`python -c 'import timm; print(timm.list_models(\"vit*\"))'` lists them.")
         try:
-            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+            self.model = self._create(model_name, pretrained, img_size, kwargs)
         except TypeError as err:
             raise ConfigError(f"timm:{model_name}: {err}") from None
         if checkpoint_path:
@@ -79,11 +77,23 @@ class TimmEncoder(nn.Module):
             self.model.set_grad_checkpointing(True)
         data_cfg = timm.data.resolve_model_data_config(self.model)
         self.image_config = ImageConfig(
-            size=int(data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
+            size=int(img_size or data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
             interpolation=data_cfg.get("interpolation", "bicubic"), crop_pct=float(data_cfg.get("crop_pct", 1.0)),
         )
         self.output_dim = self.model.num_features
         self.token_dim = getattr(self.model, "embed_dim", self.model.num_features)
+
+    @staticmethod
+    def _create(name: str, pretrained: bool, img_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
+        if img_size is None:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        try:  # transformers bake the size into position embeddings
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=img_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            # convolutional nets take any size: only the data pipeline needs to know it
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
     def forward(self, images: torch.Tensor) -> VisionOutput:
         features = self.model.forward_features(images)

@@ -28,6 +28,9 @@ class DataSpec:
 class TaskModule(L.LightningModule):
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
+        OPTIMIZERS.check(optimizer, "optimizer")
+        if scheduler:
+            SCHEDULERS.check(scheduler, "scheduler")
         self.optimizer_spec = dict(optimizer)
         self.scheduler_spec = dict(scheduler) if scheduler else None
         self.recipe: dict[str, Any] | None = None  # the resolved recipe; set by build, saved in checkpoints

@@ -1,0 +1,81 @@
+"""Components by name: swaps by one override, clear errors, user components from a module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import SHAPES_CLIP
+
+from mmlightning.build import build_task
+from mmlightning.cli import main
+from mmlightning.config import load_recipe, resolve
+from mmlightning.registry import ConfigError
+
+
+def task_for(*overrides: str):
+    return build_task(resolve(load_recipe("clip-shapes", list(overrides))))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vision.name=shapes_cn", "model.vision.name: unknown vision encoder 'shapes_cn'. Did you mean 'shapes_cnn'"),
+    ("model.vision.widht=8", "model.vision.widht: unknown option for SmallCNN. Did you mean 'width'"),
+    ("loss.name=clipp", "loss.name: unknown loss 'clipp'. Did you mean 'clip'"),
+    ("optimizer.name=adamw2", "unknown optimizer 'adamw2'"),
+    ("model.vision.name=timm:vit_tiny_patch16_22", "timm has no model 'vit_tiny_patch16_22'. Did you mean 'vit_tiny_patch16_224'"),
+    ("model.text.name=hf:/no/such/dir", "hf:/no/such/dir: cannot load"),
+    ("task=clips", "task: unknown task 'clips'. Did you mean 'clip'"),
+])
+def test_unknown_names_list_the_choices(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        task_for(override)
+    assert message in str(err.value)
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ConfigError, match=r"Valid names: shapes_cnn, timm:<name>"):
+        task_for("model.vision.name=nothing")
+
+
+def test_timm_and_hf_towers_by_one_override(minilm_dir: Path) -> None:
+    import torch
+
+    task = task_for("model.vision.name=timm:resnet18", "model.vision.img_size=64",
+                    f"model.text.name=hf:{minilm_dir}", "model.text.pretrained=false",
+                    "model.text.config={num_hidden_layers: 1}")
+    assert task.vision.output_dim == 512 and task.text.output_dim == 384
+    tokens = task.text.tokenizer(["a small red circle"], return_tensors="pt")
+    image = task.encode_image(torch.randn(2, 3, 64, 64))
+    text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    assert image.shape == (2, 128) and text.shape == (1, 128)
+
+
+def test_user_component_from_own_module(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "my_towers.py").write_text('''
+import torch
+from torch import nn
+from mmlightning.encoders import ImageConfig, VisionOutput
+from mmlightning.registry import VISION_ENCODERS
+
+@VISION_ENCODERS.register("tiny_mlp")
+class TinyMLP(nn.Module):
+    def __init__(self, image_size: int = 64, hidden: int = 32):
+        super().__init__()
+        self.image_config = ImageConfig(size=image_size)
+        self.output_dim = self.token_dim = hidden
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * image_size * image_size, hidden))
+
+    def forward(self, images):
+        pooled = self.net(images)
+        return VisionOutput(pooled=pooled, tokens=pooled[:, None])
+''')
+    assert main(["check", "clip-shapes", *SHAPES_CLIP, "imports=[my_towers.py]", "model.vision.name=tiny_mlp",
+                 "model.vision.hidden=16"]) == 0
+    assert "ok:" in capsys.readouterr().out
+    assert main(["check", "clip-shapes", *SHAPES_CLIP, "imports=[not_a_module]"]) == 2
+    assert "imports: cannot import 'not_a_module'" in capsys.readouterr().err
+
+
+def test_siglip_by_one_override() -> None:
+    task = task_for("loss.name=siglip")
+    assert task.logit_bias is not None and float(task.logit_bias) == -10.0
