@@ -1,6 +1,9 @@
-"""Evaluation metrics as torchmetrics ``Metric``s: they gather across ranks by themselves."""
+"""Evaluation metrics. Tensor metrics are torchmetrics ``Metric``s, which gather across ranks by
+themselves; ``CaptionMetrics`` holds strings and gathers them with ``all_gather_object``."""
 
+from mmlightning.metrics.captioning import CaptionMetrics, caption_scores
 from mmlightning.metrics.retrieval import RetrievalRecall
+from mmlightning.metrics.vqa import VQAAccuracy
 from mmlightning.metrics.zero_shot import ZeroShotAccuracy
 
-__all__ = ["RetrievalRecall", "ZeroShotAccuracy"]
+__all__ = ["CaptionMetrics", "caption_scores", "RetrievalRecall", "VQAAccuracy", "ZeroShotAccuracy"]

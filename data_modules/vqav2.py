@@ -1,0 +1,341 @@
+"""VQAv2 data: the official question and annotation JSON files and COCO image folders.
+
+    data:
+      name: vqav2
+      train_questions: vqa/v2_OpenEnded_mscoco_train2014_questions.json
+      train_annotations: vqa/v2_mscoco_train2014_annotations.json
+      train_images: coco/train2014          # COCO_train2014_<image_id:012d>.jpg
+      val_questions: ...  val_annotations: ...  val_images: coco/val2014
+
+The answer vocabulary is the ``num_answers`` most frequent normalised answers of the training
+annotations (3129 is the usual VQAv2 size). Every batch, training or evaluation, holds:
+
+    image (B,3,H,W) float, input_ids/attention_mask (B,T) question tokens,
+    target (B,A) soft scores min(count/3, 1) over the A answers,
+    accuracy (B,A) the official VQA accuracy a prediction of each answer would earn,
+    question_type (B,) index into ``question_types`` (the answer types: number, other, yes/no),
+    blind_answer (B,) the most common training answer for the question's fine type
+    ("what color is the"), question_id (B,), image_id (B,), question (list[str]),
+    answer (list[str]) the multiple-choice answer.
+
+Answers outside the vocabulary cannot be predicted and have no column: the accuracy rows hold
+what the classifier can reach. Rows are stored sparsely (a few answers per question) and made
+dense per batch; 3129 floats for each of 443k training questions would take 5.5 GB.
+
+The test split defaults to val: the test-dev/test-std answers are not public (submit to
+EvalAI for those).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmlightning.data_modules.coco import load_image
+from mmlightning.data_modules.common import already_batched
+from mmlightning.data_modules.transforms import eval_transform, train_transform
+from mmlightning.encoders.outputs import ImageConfig
+from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.metrics.vqa import answer_scores, normalize_answer, soft_targets
+from mmlightning.registry import DATA_MODULES, ConfigError
+
+QUESTION_FIELDS = {"image_id": int, "question": str, "question_id": int}
+ANNOTATION_FIELDS = {"question_id": int, "image_id": int, "question_type": str, "answer_type": str,
+                     "multiple_choice_answer": str, "answers": list}
+
+
+# ------------------------------------------------------------------ reading and checking the files
+def read_json(path: str | Path, key: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: file {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as err:  # bad JSON or bad UTF-8
+        raise ConfigError(f"{key}: {path} is not valid JSON ({err}).") from None
+
+
+def check_entry(entry: Any, fields: dict[str, type], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} should be an object with {', '.join(fields)}; it is a {type(entry).__name__}.")
+    missing = [k for k in fields if k not in entry]
+    if missing:
+        raise ConfigError(f"{where} lacks {', '.join(map(repr, missing))} (it has {', '.join(map(repr, entry))}).")
+    for k, kind in fields.items():  # bool is an int to Python, never an id here
+        if not isinstance(entry[k], kind) or (kind is int and isinstance(entry[k], bool)):
+            raise ConfigError(f"{where}: {k!r} should be {kind.__name__}, got {entry[k]!r}.")
+
+
+def read_questions(path: str | Path, key: str) -> tuple[str, dict[int, tuple[int, str]]]:
+    """``data_subtype`` (it names the images) and question_id -> (image_id, question)."""
+    data = read_json(path, key)
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise ConfigError(f"{key}: {path} should hold a top-level list 'questions' (VQAv2 questions layout).")
+    subtype = data.get("data_subtype")
+    if not isinstance(subtype, str) or not subtype:
+        raise ConfigError(f"{key}: {path} lacks 'data_subtype' (e.g. 'train2014'), which names the images "
+                          f"COCO_<data_subtype>_<image_id:012d>.jpg.")
+    questions: dict[int, tuple[int, str]] = {}
+    for i, q in enumerate(data["questions"]):
+        check_entry(q, QUESTION_FIELDS, f"{key}: {path}: questions[{i}]")
+        if q["question_id"] in questions:
+            raise ConfigError(f"{key}: {path}: questions[{i}] repeats question_id {q['question_id']}.")
+        questions[q["question_id"]] = (q["image_id"], q["question"])
+    return subtype, questions
+
+
+def read_annotations(path: str | Path, key: str) -> list[dict[str, Any]]:
+    data = read_json(path, key)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ConfigError(f"{key}: {path} should hold a top-level list 'annotations' (VQAv2 annotations layout).")
+    seen: set[int] = set()
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{key}: {path}: annotations[{i}]"
+        check_entry(ann, ANNOTATION_FIELDS, where)
+        if not ann["answers"]:
+            raise ConfigError(f"{where}: 'answers' is empty.")
+        for j, a in enumerate(ann["answers"]):
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                raise ConfigError(f"{where}: answers[{j}] should be an object with a string 'answer', got {a!r}.")
+        if ann["question_id"] in seen:
+            raise ConfigError(f"{where} repeats question_id {ann['question_id']}.")
+        seen.add(ann["question_id"])
+    return data["annotations"]
+
+
+def image_name(subtype: str, image_id: int) -> str:
+    return f"COCO_{subtype}_{image_id:012d}.jpg"
+
+
+def human_answers(ann: dict[str, Any]) -> list[str]:
+    return [a["answer"] for a in ann["answers"]]
+
+
+def answer_vocabulary(annotations: list[dict[str, Any]], num_answers: int) -> list[str]:
+    """The most frequent normalised answers, counting every annotator's answer; ties go
+    alphabetically so the vocabulary, and the classifier's rows, are the same every run."""
+    counts = Counter(normalize_answer(a) for ann in annotations for a in human_answers(ann))
+    counts.pop("", None)  # "a", "?" normalise to nothing: no answer
+    return sorted(counts, key=lambda a: (-counts[a], a))[:num_answers]
+
+
+def blind_answers(annotations: list[dict[str, Any]], index: dict[str, int]) -> dict[str, int]:
+    """For each fine question type, the vocabulary answer annotators gave most often to its
+    training questions (ties: the more frequent answer overall)."""
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for ann in annotations:
+        tally = by_type[ann["question_type"]]
+        tally.update(index[n] for n in map(normalize_answer, human_answers(ann)) if n in index)
+    return {t: min(tally, key=lambda k: (-tally[k], k)) for t, tally in by_type.items() if tally}
+
+
+# ------------------------------------------------------------------ one split, answers resolved
+@dataclass
+class SparseRows:
+    """One row per question over the answer vocabulary, only its non-zero entries (CSR)."""
+
+    ptr: torch.Tensor  # (N+1,) row i is entries ptr[i]:ptr[i+1]
+    col: torch.Tensor
+    val: torch.Tensor
+
+    @classmethod
+    def from_dicts(cls, rows: list[dict[int, float]]) -> SparseRows:
+        lengths = torch.tensor([0] + [len(r) for r in rows])
+        return cls(lengths.cumsum(0), torch.tensor([k for r in rows for k in r], dtype=torch.long),
+                   torch.tensor([v for r in rows for v in r.values()], dtype=torch.float32))
+
+    def dense(self, idx: torch.Tensor, width: int) -> torch.Tensor:
+        start, length = self.ptr[idx], self.ptr[idx + 1] - self.ptr[idx]
+        row = torch.repeat_interleave(torch.arange(len(idx)), length)
+        # entry k of the batch's concatenated rows sits at start[row] + (k - where that row begins)
+        shift = torch.repeat_interleave(start - (length.cumsum(0) - length), length)
+        flat = torch.arange(int(length.sum())) + shift
+        out = torch.zeros(len(idx), width)
+        out[row, self.col[flat]] = self.val[flat]
+        return out
+
+
+@dataclass
+class AnnotatedSplit:
+    """What batches need from one annotations file, in the file's order."""
+
+    question_id: torch.Tensor
+    image_id: torch.Tensor
+    answer_type: torch.Tensor  # index into question_types
+    blind: torch.Tensor  # index into the answers
+    answer: list[str]  # multiple_choice_answer
+    accuracy: SparseRows
+    target: SparseRows
+
+
+def resolve(annotations: list[dict[str, Any]], path: str, key: str, index: dict[str, int],
+            question_types: list[str], blind: dict[str, int]) -> AnnotatedSplit:
+    types = {t: k for k, t in enumerate(question_types)}
+    for i, ann in enumerate(annotations):
+        if ann["answer_type"] not in types:
+            raise ConfigError(f"{key}: {path}: annotations[{i}] has answer_type {ann['answer_type']!r}, which the "
+                              f"training annotations never use (they have {', '.join(question_types)}).")
+
+    def in_vocab(scores: dict[str, float]) -> dict[int, float]:
+        return {index[a]: s for a, s in scores.items() if a in index and s > 0}
+
+    fallback = 0  # the most frequent answer overall
+    return AnnotatedSplit(
+        question_id=torch.tensor([a["question_id"] for a in annotations], dtype=torch.long),
+        image_id=torch.tensor([a["image_id"] for a in annotations], dtype=torch.long),
+        answer_type=torch.tensor([types[a["answer_type"]] for a in annotations], dtype=torch.long),
+        blind=torch.tensor([blind.get(a["question_type"], fallback) for a in annotations], dtype=torch.long),
+        answer=[a["multiple_choice_answer"] for a in annotations],
+        accuracy=SparseRows.from_dicts([in_vocab(answer_scores(human_answers(a))) for a in annotations]),
+        target=SparseRows.from_dicts([in_vocab(soft_targets(human_answers(a))) for a in annotations]),
+    )
+
+
+class VQAQuestions(Dataset):
+    """One item per question; ``__getitems__`` builds a whole batch (see the module doc)."""
+
+    def __init__(self, split: AnnotatedSplit, questions: list[str], image_root: Path, subtype: str,
+                 text: dict[str, torch.Tensor], num_answers: int, transform: Any) -> None:
+        self.split, self.questions, self.text = split, questions, text
+        self.image_root, self.subtype = image_root, subtype
+        self.num_answers, self.transform = num_answers, transform
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_root / image_name(self.subtype, image_id)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        mask = self.text["attention_mask"][idx]
+        columns = mask.any(0)  # tokenized once for the whole split: drop padding no question in this batch needs
+        s = self.split
+        return {
+            "image": torch.stack([self.transform(load_image(self.image_path(i))) for i in s.image_id[idx].tolist()]),
+            "input_ids": self.text["input_ids"][idx][:, columns],
+            "attention_mask": mask[:, columns],
+            "target": s.target.dense(idx, self.num_answers),
+            "accuracy": s.accuracy.dense(idx, self.num_answers),
+            "question_type": s.answer_type[idx],
+            "blind_answer": s.blind[idx],
+            "question_id": s.question_id[idx],
+            "image_id": s.image_id[idx],
+            "question": [self.questions[i] for i in indices],
+            "answer": [s.answer[i] for i in indices],
+        }
+
+
+# ------------------------------------------------------------------ the data module
+@DATA_MODULES.register("vqav2")
+class VQAv2Data(L.LightningDataModule):
+    """VQAv2 (or any data in its file layout) with COCO images.
+
+    ``answers`` and ``question_types`` are known after ``__init__`` (it reads the training
+    annotations only), so the task can size its classifier before any image is touched.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, train_questions: str,
+                 train_annotations: str, train_images: str, val_questions: str, val_annotations: str, val_images: str,
+                 test_questions: str | None = None, test_annotations: str | None = None, test_images: str | None = None,
+                 num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size} / eval {eval_batch_size}")
+        if isinstance(num_answers, bool) or not isinstance(num_answers, int) or num_answers < 1:
+            raise ConfigError(f"data.num_answers must be a positive integer, got {num_answers!r}")
+        test = {"test_questions": test_questions, "test_annotations": test_annotations, "test_images": test_images}
+        given = [k for k, v in test.items() if v is not None]
+        if given and len(given) < 3:
+            raise ConfigError(f"data: {', '.join(given)} given without {', '.join(k for k in test if k not in given)}; "
+                              f"give all three test files, or none to test on val. (VQAv2 test-dev answers are not "
+                              f"public: evaluate those on EvalAI.)")
+        self.files = {"train": (train_questions, train_annotations, train_images),
+                      "val": (val_questions, val_annotations, val_images),
+                      "test": (test_questions, test_annotations, test_images) if given else
+                              (val_questions, val_annotations, val_images)}
+        for split, paths in self.files.items():  # a typo fails now, not after a training epoch
+            for kind, path in zip(("questions", "annotations", "images"), paths):
+                exists = Path(path).is_dir() if kind == "images" else Path(path).is_file()
+                if not exists:
+                    raise ConfigError(f"data.{split}_{kind}: {'folder' if kind == 'images' else 'file'} "
+                                      f"{str(path)!r} does not exist.")
+        self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+
+        train = read_annotations(train_annotations, "data.train_annotations")
+        self.answers: list[str] = answer_vocabulary(train, num_answers)
+        if not self.answers:
+            raise ConfigError(f"data.train_annotations: {train_annotations} has no non-empty answer.")
+        self.answer_index = {a: k for k, a in enumerate(self.answers)}
+        self.question_types: list[str] = sorted({a["answer_type"] for a in train})
+        self.blind = blind_answers(train, self.answer_index)
+        # resolve the training annotations now, so their JSON (GBs of Python objects) is freed
+        self.annotated = {"train": self._resolve(train, "train")}
+        self.datasets: dict[str, Dataset] = {}
+
+    def _resolve(self, annotations: list[dict[str, Any]], split: str) -> AnnotatedSplit:
+        return resolve(annotations, str(self.files[split][1]), f"data.{split}_annotations", self.answer_index,
+                       self.question_types, self.blind)
+
+    def build_split(self, split: str) -> VQAQuestions:
+        questions_path, annotations_path, image_root = self.files[split]
+        q_key, a_key = f"data.{split}_questions", f"data.{split}_annotations"
+        annotated = self.annotated.pop(split, None)
+        if annotated is None:
+            annotated = self._resolve(read_annotations(annotations_path, a_key), split)
+        subtype, questions = read_questions(questions_path, q_key)
+        texts = []
+        for i, (qid, image_id) in enumerate(zip(annotated.question_id.tolist(), annotated.image_id.tolist())):
+            if qid not in questions:
+                raise ConfigError(f"{a_key}: {annotations_path}: annotations[{i}] is for question_id {qid}, "
+                                  f"which is not in {questions_path}.")
+            if questions[qid][0] != image_id:
+                raise ConfigError(f"{a_key}: {annotations_path}: annotations[{i}] (question_id {qid}) has image_id "
+                                  f"{image_id}, but {questions_path} says {questions[qid][0]}.")
+            texts.append(questions[qid][1])
+        if len(questions) > len(texts):
+            unanswered = next(iter(set(questions) - set(annotated.question_id.tolist())))
+            raise ConfigError(f"{q_key}: {len(questions) - len(texts)} question(s) of {questions_path} have no "
+                              f"annotation in {annotations_path}, e.g. question_id {unanswered}.")
+        root = Path(image_root)
+        present = set(os.listdir(root))
+        missing = sorted(n for n in {image_name(subtype, i) for i in annotated.image_id.tolist()} if n not in present)
+        if missing:
+            raise ConfigError(f"data.{split}_images: {len(missing)} image file(s) named by {questions_path} are "
+                              f"missing under {root}, e.g. {missing[0]}.")
+        transform = train_transform(self.image_config) if split == "train" else eval_transform(self.image_config)
+        return VQAQuestions(annotated, texts, root, subtype, tokenize(self.tokenizer, texts, self.max_length),
+                            len(self.answers), transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
+        for split in wanted:
+            if split in self.datasets:
+                continue
+            if split == "test" and self.files["test"] == self.files["val"] and "val" in self.datasets:
+                self.datasets["test"] = self.datasets["val"]
+            else:
+                self.datasets[split] = self.build_split(split)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                          collate_fn=already_batched, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
