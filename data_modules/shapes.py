@@ -128,3 +128,160 @@ class ShapesCLIPData(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+class ShapesQuestions(Dataset):
+    """One item per (image, question). Shapes questions have one true answer, so the soft
+    target and the accuracy row are both one-hot."""
+
+    def __init__(self, split: world.ShapesSplit, answers: list[str], blind: dict[str, str], tokenizer: Any,
+                 max_length: int, image_config: ImageConfig) -> None:
+        items = [(i, q) for i, qs in enumerate(split.questions) for q in qs]
+        index = {a: k for k, a in enumerate(answers)}
+        self.images = torch.from_numpy(split.images)
+        self.owner = torch.tensor([i for i, _ in items])
+        self.questions = [q.question for _, q in items]
+        self.answer_text = [q.answer for _, q in items]
+        self.text = tokenize(tokenizer, self.questions, max_length)
+        self.answer = torch.tensor([index.get(q.answer, -1) for _, q in items])
+        self.family = torch.tensor([world.QUESTION_FAMILIES.index(q.family) for _, q in items])
+        fallback = max(blind.values(), key=list(blind.values()).count) if blind else answers[0]
+        self.blind = torch.tensor([index[blind.get(blind_type(q), fallback)] for _, q in items])
+        self.num_answers, self.image_config = len(answers), image_config
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices)
+        answer = self.answer[idx]
+        one_hot = torch.zeros(len(idx), self.num_answers)
+        known = answer >= 0
+        one_hot[known.nonzero().squeeze(1), answer[known]] = 1.0
+        return {
+            "image": normalize_uint8(self.images[self.owner[idx]], self.image_config),
+            "input_ids": self.text["input_ids"][idx],
+            "attention_mask": self.text["attention_mask"][idx],
+            "target": one_hot,
+            "accuracy": one_hot,
+            "question_type": self.family[idx],
+            "blind_answer": self.blind[idx],
+            "question_id": idx,
+            "image_id": self.owner[idx],
+            "question": [self.questions[i] for i in indices],
+            "answer": [self.answer_text[i] for i in indices],
+        }
+
+
+def blind_type(q: world.Question) -> str:
+    """What a blind model may condition on: the family and the question's first word
+    ('relation is' asks yes/no, 'relation what' asks a colour)."""
+    return f"{q.family} {q.question.split()[0]}"
+
+
+@DATA_MODULES.register("shapes_vqa")
+class ShapesVQAData(ShapesCLIPData):
+    """Questions about shapes-world images (colour, shape, size, count, existence, relations).
+
+    The answer vocabulary is the ``num_answers`` most frequent training answers. Accuracy is
+    reported per question family and for relational vs non-relational questions.
+    """
+
+    question_types = list(world.QUESTION_FAMILIES)
+    type_groups = {"relational": list(world.RELATIONAL_FAMILIES),
+                   "non_relational": [f for f in world.QUESTION_FAMILIES if f not in world.RELATIONAL_FAMILIES]}
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_answers: int = 100,
+                 **kwargs: Any) -> None:
+        super().__init__(tokenizer, max_length, image_config, **kwargs)
+        self.zero_shot = None  # classes of objects are a CLIP notion; VQA asks questions instead
+        self.rendered: dict[str, world.ShapesSplit] = {}
+        train = self.render("train")
+        counts: dict[str, int] = {}
+        for qs in train.questions:
+            for q in qs:
+                counts[q.answer] = counts.get(q.answer, 0) + 1
+        self.answers = sorted(counts, key=lambda a: (-counts[a], a))[:num_answers]
+        by_type: dict[str, dict[str, int]] = {}
+        for qs in train.questions:
+            for q in qs:
+                tally = by_type.setdefault(blind_type(q), {})
+                tally[q.answer] = tally.get(q.answer, 0) + 1
+        self.blind = {t: min(tally, key=lambda a: (-tally[a], a)) for t, tally in by_type.items()}
+
+    def render(self, split: str) -> world.ShapesSplit:
+        if split not in self.rendered:
+            self.rendered[split] = world.generate(split, self.sizes[split], seed=self.seed,
+                                                  image_size=self.image_config.size, max_objects=self.max_objects,
+                                                  heldout=self.heldout, with_questions=True)
+        return self.rendered[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = ShapesQuestions(self.render(split), self.answers, self.blind, self.tokenizer,
+                                                       self.max_length, self.image_config)
+                if split == "train":
+                    self.rendered.pop(split)  # the dataset holds what it needs
+
+
+class ShapesCaptionPairs(Dataset):
+    """Captioning training items: every caption of every image (left-to-right and
+    right-to-left descriptions both count as right)."""
+
+    def __init__(self, split: world.ShapesSplit, tokenizer: Any, max_length: int, image_config: ImageConfig) -> None:
+        self.images = torch.from_numpy(split.images)
+        self.owner = torch.tensor([i for i, caps in enumerate(split.captions) for _ in caps])
+        self.text = tokenize(tokenizer, [c for caps in split.captions for c in caps], max_length)
+        self.image_config = image_config
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return {
+            "image": normalize_uint8(self.images[self.owner[idx]], self.image_config),
+            "input_ids": self.text["input_ids"][idx],
+            "attention_mask": self.text["attention_mask"][idx],
+            "image_id": self.owner[idx],
+        }
+
+
+class ShapesCaptionEval(Dataset):
+    """Captioning evaluation items: each image once, with all its captions as references."""
+
+    def __init__(self, split: world.ShapesSplit, image_config: ImageConfig) -> None:
+        self.images = torch.from_numpy(split.images)
+        self.references = split.captions
+        self.image_config = image_config
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(indices)
+        return {
+            "image": normalize_uint8(self.images[idx], self.image_config),
+            "image_id": idx,
+            "references": [self.references[i] for i in indices],
+        }
+
+
+@DATA_MODULES.register("shapes_captions")
+class ShapesCaptionData(ShapesCLIPData):
+    """Shapes-world images with their captions, for captioning."""
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, **kwargs: Any) -> None:
+        super().__init__(tokenizer, max_length, image_config, **kwargs)
+        self.zero_shot = None
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
+        for split in wanted:
+            if split not in self.datasets:
+                rendered = self.render(split)
+                self.datasets[split] = (
+                    ShapesCaptionPairs(rendered, self.tokenizer, self.max_length, self.image_config)
+                    if split == "train" else ShapesCaptionEval(rendered, self.image_config))

@@ -23,8 +23,11 @@ def import_components(imports: list[str] | None = None) -> None:
     """Import the built-in components and the user's modules (``imports:`` in the recipe,
     module names or paths to .py files), whose decorators register new names."""
     import mmlightning.data_modules.coco  # noqa: F401
+    import mmlightning.data_modules.coco_karpathy  # noqa: F401
     import mmlightning.data_modules.shapes  # noqa: F401
+    import mmlightning.data_modules.vqav2  # noqa: F401
     import mmlightning.encoders  # noqa: F401
+    import mmlightning.fusion  # noqa: F401
     import mmlightning.losses  # noqa: F401
     import mmlightning.optim  # noqa: F401
     import mmlightning.tasks  # noqa: F401
@@ -59,7 +62,11 @@ def build_task(cfg: dict[str, Any]):
 
 
 def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
-    return DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs())
+    """The data module follows the task's tokenizer and image settings; then the task sizes
+    whatever depends on the data (``bind_data``)."""
+    datamodule = DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs())
+    task.bind_data(datamodule)
+    return datamodule
 
 
 def resolve_precision(precision: str | int) -> str | int:

@@ -6,6 +6,7 @@
     mml check RECIPE [key=value ...]     build everything, one forward pass, no training
     mml fit RECIPE [key=value ...] [--resume RUN_DIR|auto]
     mml validate|test RECIPE [key=value ...] --ckpt CKPT_OR_RUN_DIR
+    mml predict RECIPE --ckpt CKPT_OR_RUN_DIR --images DIR [--out FILE]   caption images
 
 RECIPE is a packaged recipe's name or a path to a YAML file. Overrides: ``key=value`` changes
 a key, ``+key=value`` adds one, ``~key`` removes one. ``ls``, ``show`` and ``cp`` never
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*")
         p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
+    p = sub.add_parser("predict", help="caption a folder of images with a trained captioning checkpoint")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its best checkpoint)")
+    p.add_argument("--images", required=True, help="folder of images (jpg, png, webp), searched recursively")
+    p.add_argument("--out", help="write {file: caption} JSON here (default: print only)")
+    p.add_argument("--batch-size", type=int, default=32)
     # overrides may come before or after options: `mml fit R a=1 --resume auto b=2`
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
@@ -98,7 +107,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     batch = next(iter(datamodule.train_dataloader()))
     batch = {k: v[:4] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     task.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer here, by design
         loss = task.training_step(batch, 0)
     n_params = sum(p.numel() for p in task.parameters())
     print(f"ok: {cfg['recipe']} builds; {n_params / 1e6:.2f}M parameters; "
@@ -123,8 +133,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         wandb_id = runs.read_meta(run_dir).get("wandb_id") or runs.new_wandb_id()
         print(f"resuming {run_dir} from {ckpt_path.name}")
     else:
-        name = (cfg.get("run") or {}).get("name") or runs.default_run_name(cfg["recipe"])
-        run_dir = runs.new_run_dir(run_root, name)
+        chosen = (cfg.get("run") or {}).get("name")
+        run_dir = runs.new_run_dir(run_root, chosen or runs.default_run_name(cfg["recipe"]), numbered=not chosen)
         wandb_id = runs.new_wandb_id()
     cfg.setdefault("run", {})["name"] = run_dir.name
     runs.write_run_files(run_dir, C.to_yaml(cfg), cfg["recipe"], wandb_id)
@@ -182,8 +192,53 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from mmlightning import runs
+    from mmlightning.build import build_task
+    from mmlightning.data_modules.coco import load_image
+    from mmlightning.data_modules.transforms import eval_transform
+
+    cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
+    cfg.setdefault("model", {})["init_from"] = None  # the checkpoint below holds every weight
+    task = build_task(cfg)
+    if not hasattr(task, "caption"):
+        raise ConfigError(f"mml predict captions images; recipe {cfg['recipe']!r} is a {cfg['task']!r} task.")
+    folder = Path(args.images)
+    if not folder.is_dir():
+        raise ConfigError(f"--images {str(folder)!r} is not a folder.")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
+    ckpt = runs.eval_checkpoint(args.ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    missing, unexpected = task.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "
+                          f"{unexpected[:4]}. Give the recipe (or run directory config.yaml) it was trained with.")
+    task.eval()
+    transform = eval_transform(task.data_spec().image_config)
+    captions: dict[str, str] = {}
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        images = torch.stack([transform(load_image(p)) for p in chunk])
+        for path, text in zip(chunk, task.caption(images)):
+            captions[str(path.relative_to(folder))] = text
+            print(f"{path.relative_to(folder)}\t{text}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(captions, indent=2))
+    return 0
+
+
 COMMANDS = {"ls": cmd_ls, "show": cmd_show, "cp": cmd_cp, "check": cmd_check, "fit": cmd_fit,
-            "validate": cmd_evaluate, "test": cmd_evaluate}
+            "validate": cmd_evaluate, "test": cmd_evaluate,
+            "predict": cmd_predict}
 
 if __name__ == "__main__":
     sys.exit(main())

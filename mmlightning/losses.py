@@ -127,3 +127,49 @@ class SigLipLoss(nn.Module):
             positive = rows[:, None] == torch.arange(logits.shape[1], device=logits.device)[None, :]
         labels = positive.float() * 2 - 1
         return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
+# ---------------------------------------------------------------------- answer classification
+@LOSSES.register("soft_bce")
+class SoftScoreBCE(nn.Module):
+    """VQAv2 practice: every answer is a binary label with a soft target min(#annotators/3, 1),
+    binary cross-entropy summed over answers and averaged over questions (Teney et al. 2018)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = at_least_fp32(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+
+
+@LOSSES.register("cross_entropy")
+class SoftCrossEntropy(nn.Module):
+    """Softmax cross-entropy. One-hot targets give the plain loss of single-answer data; soft
+    targets are normalised to a distribution; questions with no answer in the vocabulary
+    (all-zero targets) are left out."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = at_least_fp32(logits, target)
+        total = target.sum(dim=1, keepdim=True)
+        keep = total.squeeze(1) > 0
+        return F.cross_entropy(logits[keep], target[keep] / total[keep], label_smoothing=self.label_smoothing)
+
+
+# ---------------------------------------------------------------------- captioning
+@LOSSES.register("caption_lm")
+class CaptionLMLoss(nn.Module):
+    """Teacher-forced next-token cross-entropy. ``logits[:, t]`` predicts ``input_ids[:, t+1]``:
+    the shift happens here and only here (pass the decoder no labels, or they shift twice),
+    so the logits at BOS target the first real word. Padding is left out of the mean."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        (logits,) = at_least_fp32(logits)
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=-100, label_smoothing=self.label_smoothing)

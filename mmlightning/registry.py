@@ -110,6 +110,7 @@ def registry_variable(reg: Registry) -> str:
 
 VISION_ENCODERS = Registry("vision encoder")
 TEXT_ENCODERS = Registry("text encoder")
+TEXT_DECODERS = Registry("text decoder")
 PROJECTIONS = Registry("projection head")
 FUSION_HEADS = Registry("fusion head")
 LOSSES = Registry("loss")

@@ -30,12 +30,17 @@ def default_run_name(recipe: str) -> str:
     return f"{recipe}-{job if job != 'none' else time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def new_run_dir(root: str | Path, name: str) -> Path:
-    """A fresh run directory; an existing one is an error, never silently overwritten."""
+def new_run_dir(root: str | Path, name: str, numbered: bool = False) -> Path:
+    """A fresh run directory; an existing one is an error, never silently overwritten.
+    ``numbered`` (for default names): two runs started in the same second get -2, -3, ..."""
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and not is_global_zero():
         return Path(inherited)
     run_dir = Path(root) / name
+    if numbered and is_global_zero():
+        suffix = 2
+        while run_dir.exists():
+            run_dir, suffix = Path(root) / f"{name}-{suffix}", suffix + 1
     if is_global_zero():
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(

@@ -35,8 +35,14 @@ def print_summary(cfg: dict[str, Any], run_dir: Path, trainer: Any, test_metrics
     table = Table(title=f"{cfg['recipe']}: test split, {trainer.global_step} steps in {fit_seconds:.0f}s")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    blind = {k.replace("/blind_", "/", 1): v for k, v in summary["test"].items() if "/blind_" in k}
+    if blind:  # VQA: what the model scores next to what a model blind to the image scores
+        table.add_column("blind baseline", justify="right")
     for key, value in summary["test"].items():
-        table.add_row(key, f"{value:.4f}")
+        if "/blind_" in key:
+            continue
+        row = [key, f"{value:.4f}"] + ([f"{blind[key]:.4f}" if key in blind else ""] if blind else [])
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(f"run directory:   {run_dir}")

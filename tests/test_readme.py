@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -30,29 +31,46 @@ def test_readme_mentions_the_two_commands_first() -> None:
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
+GPU_SIZED = {"clip-coco", "vqa-vqav2", "caption-coco"}
+
+
+def run_of(root: Path, recipe: str) -> Path:
+    """The first run directory of ``recipe`` (what the README's runs/<...> placeholders mean)."""
+    runs = sorted((d for d in root.iterdir() if (d / "run.json").is_file()), key=lambda d: d.stat().st_mtime)
+    return next(d for d in runs if json.loads((d / "run.json").read_text())["recipe"] == recipe)
+
+
 @pytest.mark.slow
-def test_readme_mml_commands_run(tmp_path: Path, coco_fixture: Path, minilm_dir: Path) -> None:
+def test_readme_mml_commands_run(tmp_path: Path, fixtures: dict[str, Path]) -> None:
     """Each `mml` line of the README runs; fits get the tiny overrides appended, and the
-    GPU-sized clip-coco lines are resolved with `show` (their keys and values must exist)."""
+    GPU-sized recipes' lines are resolved with `show` (their keys and values must exist)."""
+    from PIL import Image
+
+    from mmlightning.data_modules import shapes_world as world
+
     (tmp_path / "my_towers.py").write_text(re.search(r"```python\n(# my_towers.py.*?)```",
                                                      (REPO / "README.md").read_text(), flags=re.S).group(1))
+    (tmp_path / "my_images").mkdir()
+    Image.fromarray(world.generate("test", 1).images[0]).save(tmp_path / "my_images" / "scene.png")
     ran = 0
     for line in readme_commands():
-        args = shlex.split(line.replace("path/to/all-MiniLM-L6-v2", str(minilm_dir)))[1:]
+        args = shlex.split(line.replace("path/to/all-MiniLM-L6-v2", str(fixtures["minilm"])))[1:]
         command, recipe = args[0], args[1] if len(args) > 1 else ""
-        if "<run>" in line:
-            run = next((tmp_path / "runs").iterdir())
-            args = [a.replace("runs/<run>", str(run)) for a in args]
-        if recipe == "clip-coco":
+        placeholders = {"runs/<run>": "clip-shapes", "runs/<caption-run>": "caption-shapes"}
+        for placeholder, source in placeholders.items():
+            if placeholder in line:
+                args = [a.replace(placeholder, str(run_of(tmp_path / "runs", source))) for a in args]
+        if recipe in GPU_SIZED:
             args[0] = "show"
             args = [a for a in args if not a.startswith("--")]
         elif command in ("fit", "check"):
-            args += tiny_overrides(recipe, coco_fixture, minilm_dir) + ["logger.name=none"]
+            args += tiny_overrides(recipe, fixtures) + ["logger.name=none"]
         elif command == "test":
-            args += tiny_overrides(recipe, coco_fixture, minilm_dir)
+            args += tiny_overrides(recipe, fixtures)
         assert main(args) == 0, line
         ran += 1
-    assert ran >= 8
+    assert ran >= 12
+    assert json.loads((tmp_path / "captions.json").read_text())["scene.png"]
 
 
 def test_wheel_installs_recipes_inside_the_package(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def test_reads_back_offline_run(offline_env: Path) -> None:
     wandb = pytest.importorskip("wandb")
 
     run = wandb.init(
+        dir=str(offline_env),  # wandb keeps the WANDB_DIR it saw first in this process: be explicit
         project="p",
         name="n",
         group="g",

@@ -1,5 +1,8 @@
 """Overrides that shrink each shipped recipe to seconds on a CPU, for tests. Tests run every
-recipe with them; a new recipe needs an entry here (test_recipes checks that)."""
+recipe with them; a new recipe needs an entry here (test_recipes checks that).
+
+``fx`` maps fixture names to paths: coco, karpathy and vqav2 datasets in their official
+layouts, and minilm (a real BERT-style model directory)."""
 
 from __future__ import annotations
 
@@ -9,24 +12,66 @@ SHAPES_CLIP = [
     "data.num_train=256", "data.num_val=48", "data.num_test=48", "data.batch_size=32", "data.eval_batch_size=32",
     "trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2",
 ]
+SHAPES_VQA = [*SHAPES_CLIP, "data.num_train=96"]  # about 5 questions per image
+SHAPES_CAPTION = [*SHAPES_CLIP, "data.num_train=128", "model.generation.max_new_tokens=8", "model.generation.num_beams=2"]
+TINY_STEPS = ["trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2", "data.num_workers=0"]
+
+
+def tiny_vit() -> list[str]:
+    return ["model.vision.img_size=32", "model.vision.model_kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]
+
+
+def tiny_bert(minilm: Path) -> list[str]:
+    return [f"model.text.name=hf:{minilm}", "model.text.pretrained=false",
+            "model.text.config={num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}"]
 
 
 def coco_overrides(coco: Path, minilm: Path) -> list[str]:
     return [
-        "model.vision.img_size=32", "model.vision.model_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
-        f"model.text.name=hf:{minilm}", "model.text.pretrained=false",
-        "model.text.config={num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}",
-        "model.embed_dim=16",
+        *tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16",
         f"data.train_json={coco}/annotations/captions_train2017.json", f"data.train_images={coco}/train2017",
         f"data.val_json={coco}/annotations/captions_val2017.json", f"data.val_images={coco}/val2017",
-        "data.batch_size=16", "data.eval_batch_size=8", "data.num_workers=0",
-        "trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2",
+        "data.batch_size=16", "data.eval_batch_size=8", *TINY_STEPS,
     ]
 
 
-def tiny_overrides(recipe: str, coco: Path, minilm: Path) -> list[str]:
+def vqav2_overrides(vqav2: Path, minilm: Path) -> list[str]:
+    return [
+        *tiny_vit(), *tiny_bert(minilm), "model.fusion={name: single_stream, width: 32, layers: 1, heads: 2, hidden_dim: 32}",
+        "model.classifier_hidden=32", "data.num_answers=50",
+        f"data.train_questions={vqav2}/v2_OpenEnded_mscoco_train2014_questions.json",
+        f"data.train_annotations={vqav2}/v2_mscoco_train2014_annotations.json", f"data.train_images={vqav2}/train2014",
+        f"data.val_questions={vqav2}/v2_OpenEnded_mscoco_val2014_questions.json",
+        f"data.val_annotations={vqav2}/v2_mscoco_val2014_annotations.json", f"data.val_images={vqav2}/val2014",
+        "data.batch_size=16", "data.eval_batch_size=16", *TINY_STEPS,
+    ]
+
+
+def karpathy_overrides(karpathy: Path, minilm: Path) -> list[str]:
+    return [
+        *tiny_vit(), "model.decoder.config={n_layer: 1, n_embd: 32, n_head: 2}",
+        f"model.decoder.tokenizer={minilm}",  # a real WordPiece vocabulary, offline
+        "model.generation.max_new_tokens=6", "model.generation.num_beams=2",
+        f"data.json_path={karpathy}/dataset_coco.json", f"data.image_root={karpathy}",
+        "data.batch_size=16", "data.eval_batch_size=8", *TINY_STEPS,
+    ]
+
+
+def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
     table = {
-        "clip-shapes": SHAPES_CLIP,
-        "clip-coco": coco_overrides(coco, minilm),
+        "clip-shapes": lambda: SHAPES_CLIP,
+        "clip-coco": lambda: coco_overrides(fx["coco"], fx["minilm"]),
+        "vqa-shapes": lambda: SHAPES_VQA,
+        "vqa-vqav2": lambda: vqav2_overrides(fx["vqav2"], fx["minilm"]),
+        "caption-shapes": lambda: SHAPES_CAPTION,
+        "caption-coco": lambda: karpathy_overrides(fx["karpathy"], fx["minilm"]),
     }
-    return table[recipe]
+    return table[recipe]()
+
+
+# what each task logs, and the test metric a summary must carry
+LOGGED = {
+    "clip": ({"train/loss", "val/mean_recall", "test/i2t_R@1"}, "test/i2t_R@1"),
+    "vqa": ({"train/loss", "val/acc", "test/acc", "test/blind_acc"}, "test/acc"),
+    "caption": ({"train/loss", "val/CIDEr-D", "test/BLEU-4", "test/exact_match"}, "test/CIDEr-D"),
+}

@@ -1,7 +1,7 @@
 """Task modules (LightningModules): what CLIP, VQA and captioning train and evaluate.
 Importing this package registers the built-in tasks."""
 
-from mmlightning.tasks import clip  # noqa: F401  (registers names)
+from mmlightning.tasks import captioning, clip, vqa  # noqa: F401  (registers names)
 from mmlightning.tasks.base import DataSpec, TaskModule
 
 __all__ = ["DataSpec", "TaskModule"]

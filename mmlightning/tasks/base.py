@@ -1,15 +1,19 @@
 """What every task module shares: optimizer and schedule from the recipe, the resolved recipe
-inside each checkpoint, and the contract with data modules (``data_spec``)."""
+inside each checkpoint, the contract with data modules (``data_spec``, ``bind_data``), and
+pretrain-then-finetune (``init_from`` a CLIP checkpoint, freezing a tower)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from torch import nn
 
 from mmlightning.encoders.outputs import ImageConfig
-from mmlightning.registry import OPTIMIZERS, SCHEDULERS
+from mmlightning.registry import OPTIMIZERS, SCHEDULERS, ConfigError
 
 
 @dataclass
@@ -38,6 +42,49 @@ class TaskModule(L.LightningModule):
     def data_spec(self) -> DataSpec:
         raise NotImplementedError
 
+    def bind_data(self, datamodule: L.LightningDataModule) -> None:
+        """Called once the data module exists, before any checkpoint is loaded: for parts
+        whose size comes from the data (e.g. the VQA answer vocabulary)."""
+
+    def init_towers_from(self, source: str | Path, towers: dict[str, nn.Module]) -> None:
+        """Copy pretrained towers (e.g. ``{"vision": self.vision}``) from a checkpoint file or
+        run directory of another task. The towers must be built as in that run; if not, the
+        error shows the spec that run used."""
+        from mmlightning.runs import eval_checkpoint
+
+        path = eval_checkpoint(source)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
+            raise ConfigError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
+        state = ckpt.get("state_dict", {})
+        source_model = (ckpt.get("mmlightning_recipe") or {}).get("model") or {}
+        for name, tower in towers.items():
+            prefix = f"{name}."
+            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not weights:
+                raise ConfigError(f"model.init_from: {path} holds no '{name}' tower "
+                                  f"(its top-level modules: {sorted({k.split('.')[0] for k in state})}).")
+            try:
+                tower.load_state_dict(weights, strict=True)
+            except RuntimeError as err:
+                raise ConfigError(f"model.init_from: the {name} tower in {path} does not fit this recipe's "
+                                  f"model.{name}; that run built it as {source_model.get(name, '(unknown)')}. "
+                                  f"Use the same spec. ({str(err).splitlines()[0]})") from None
+
+    @staticmethod
+    def freeze(module: nn.Module) -> None:
+        """No gradients, and BatchNorm statistics frozen too (see ``train``)."""
+        module.requires_grad_(False)
+        module.frozen = True
+
+    def train(self, mode: bool = True) -> TaskModule:
+        super().train(mode)
+        for module in self.modules():  # a frozen tower keeps its BatchNorm running statistics
+            if getattr(module, "frozen", False):
+                module.eval()
+        return self
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """No weight decay on biases, norm gains and the temperature (as CLIP and open_clip)."""
         decay, no_decay = [], []
@@ -53,6 +100,22 @@ class TaskModule(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table of examples (images as tensors normalised for the vision tower) in W&B, for
+        reading what the model does, not only how much it scores."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        import wandb
+
+        config = self.data_spec().image_config
+        mean, std = torch.tensor(config.mean).view(3, 1, 1), torch.tensor(config.std).view(3, 1, 1)
+        cells = [[wandb.Image((c.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+                  if isinstance(c, torch.Tensor) and c.ndim == 3 else c for c in row] for row in rows]
+        loggers[0].log_table(key=key, columns=columns, data=cells, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmlightning_recipe"] = self.recipe

@@ -1,0 +1,146 @@
+"""Visual question answering as classification over an answer vocabulary.
+
+image -> vision tower ┐
+                      ├─ fusion head -> answer classifier -> logits over the data's answers
+question -> text tower┘
+
+The answer vocabulary comes from the training data (``bind_data``), so the classifier is
+built once the data module exists. Accuracy is the official VQA rule: data modules give, for
+each question, the score each vocabulary answer would earn (``batch["accuracy"]``), and the
+blind baseline (the most common training answer for the question's type) is scored the same
+way, so the report shows what looking at the image adds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmlightning.metrics import VQAAccuracy
+from mmlightning.registry import FUSION_HEADS, LOSSES, TASKS, TEXT_ENCODERS, VISION_ENCODERS, ConfigError
+from mmlightning.tasks.base import DataSpec, TaskModule
+
+SAMPLES_PER_TABLE = 16
+
+
+@TASKS.register("vqa")
+class VQATask(TaskModule):
+    def __init__(self, vision: dict[str, Any], text: dict[str, Any], fusion: dict[str, Any], loss: dict[str, Any],
+                 optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None, classifier_hidden: int = 512,
+                 dropout: float = 0.1, init_from: str | None = None, freeze_vision: bool = False,
+                 freeze_text: bool = False) -> None:
+        super().__init__(optimizer, scheduler)
+        self.vision = VISION_ENCODERS.build(vision, "model.vision")
+        self.text = TEXT_ENCODERS.build(text, "model.text")
+        if init_from:
+            self.init_towers_from(init_from, {"vision": self.vision, "text": self.text})
+        if freeze_vision:
+            self.freeze(self.vision)
+        if freeze_text:
+            self.freeze(self.text)
+        widths = {"vision_dim": self.vision.output_dim, "vision_token_dim": self.vision.token_dim,
+                  "text_dim": self.text.output_dim, "text_token_dim": self.text.token_dim}
+        FUSION_HEADS.check(fusion, "model.fusion")
+        head_params = inspect.signature(FUSION_HEADS.get(str(fusion["name"]))).parameters
+        self.fusion = FUSION_HEADS.build(fusion, "model.fusion", **{k: v for k, v in widths.items() if k in head_params})
+        self.loss_fn = LOSSES.build(loss, "loss")
+        self.classifier_hidden, self.dropout = classifier_hidden, dropout
+        self.classifier: nn.Module | None = None
+        self.answers: list[str] = []
+        self.metrics = nn.ModuleDict()
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.text.tokenizer, self.text.max_length, self.vision.image_config)
+
+    def bind_data(self, datamodule: Any) -> None:
+        """The classifier's width is the data's answer vocabulary; metrics group by the data's
+        question types (answer types for VQAv2, question families for shapes)."""
+        self.answers = list(datamodule.answers)
+        self.classifier = nn.Sequential(
+            nn.Linear(self.fusion.output_dim, self.classifier_hidden), nn.GELU(), nn.Dropout(self.dropout),
+            nn.Linear(self.classifier_hidden, len(self.answers)),
+        )
+        self.type_names = list(datamodule.question_types)
+        # optional coarser grouping of question types, e.g. relational vs non-relational
+        groups: dict[str, list[str]] = dict(getattr(datamodule, "type_groups", {}) or {})
+        self.group_names = list(groups)
+        lookup = torch.full((len(self.type_names),), -1, dtype=torch.long)
+        for g, members in enumerate(groups.values()):
+            for member in members:
+                lookup[self.type_names.index(member)] = g
+        self.register_buffer("type_to_group", lookup, persistent=False)
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_types"] = VQAAccuracy(self.type_names)
+            self.metrics[f"{stage}_blind"] = VQAAccuracy(self.type_names)
+            self.metrics[f"{stage}_groups"] = VQAAccuracy(self.group_names)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise RuntimeError("VQATask.bind_data(datamodule) must run before forward: it sizes the answer classifier")
+        fused = self.fusion(self.vision(images), self.text(input_ids, attention_mask))
+        return self.classifier(fused)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
+        loss = self.loss_fn(logits, batch["target"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
+        prediction = logits.argmax(dim=-1)
+        score = batch["accuracy"].gather(1, prediction[:, None]).squeeze(1)
+        blind = batch["accuracy"].gather(1, batch["blind_answer"][:, None]).squeeze(1)
+        types = batch["question_type"]
+        self.metrics[f"{stage}_types"].update(score, types)
+        self.metrics[f"{stage}_blind"].update(blind, types)
+        groups = self.type_to_group[types]
+        keep = groups >= 0
+        self.metrics[f"{stage}_groups"].update(score[keep], groups[keep])
+        if batch_idx == 0:
+            self._table_rows = [
+                [batch["image"][i], batch["question"][i], self.answers[int(prediction[i])], batch["answer"][i],
+                 float(score[i])]
+                for i in range(min(SAMPLES_PER_TABLE, len(prediction)))
+            ]
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = {f"{stage}/{k}": v for k, v in self.metrics[f"{stage}_types"].compute().items()}
+        metrics.update({f"{stage}/blind_{k}": v for k, v in self.metrics[f"{stage}_blind"].compute().items()})
+        if self.group_names:
+            grouped = self.metrics[f"{stage}_groups"].compute()
+            metrics.update({f"{stage}/{k}": v for k, v in grouped.items() if k != "acc"})
+        for name in ("types", "blind", "groups"):
+            self.metrics[f"{stage}_{name}"].reset()
+        self.log_dict(metrics)
+        if getattr(self, "_table_rows", None):
+            self.log_samples(f"{stage}/samples", ["image", "question", "predicted", "answer", "accuracy"],
+                             self._table_rows)
+            self._table_rows = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["vqa_answers"] = self.answers
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("vqa_answers")
+        if saved is not None and saved != self.answers:
+            raise ConfigError(f"the checkpoint's answer vocabulary ({len(saved)} answers, first {saved[:5]}) differs "
+                              f"from this data's ({len(self.answers)}, first {self.answers[:5]}): the classifier "
+                              f"rows would mean different answers. Use the data the checkpoint was trained on.")

@@ -1,0 +1,117 @@
+"""VQA: every fusion head learns, init_from really loads the CLIP towers, frozen towers stay
+put, and the answer losses are the textbook formulas."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import SHAPES_CLIP
+
+from mmlightning.build import build_datamodule, build_task
+from mmlightning.cli import main
+from mmlightning.config import load_recipe, resolve
+from mmlightning.losses import SoftCrossEntropy, SoftScoreBCE
+from mmlightning.registry import FUSION_HEADS, ConfigError
+
+HEADS = {
+    "concat": {},
+    "product": {},
+    "bilinear": {"rank": 128},
+    "film": {"channels": 32, "blocks": 2, "question_dim": 64},
+    "single_stream": {"width": 64, "layers": 1, "heads": 2},
+    "stacked_attention": {"glimpses": 2, "attention_dim": 64},
+    "relation_network": {"pair_dim": 64, "pair_layers": 2},
+}
+SMALL_VQA = ["data.num_train=64", "data.num_val=16", "data.num_test=16", "data.batch_size=64"]
+
+
+def vqa_cfg(*overrides: str) -> dict:
+    return resolve(load_recipe("vqa-shapes", [*SMALL_VQA, *overrides]))
+
+
+def test_every_registered_head_is_covered() -> None:
+    assert set(HEADS) == set(FUSION_HEADS.names())
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_fusion_head_trains_with_falling_loss(head: str) -> None:
+    torch.manual_seed(0)
+    spec = "{" + ", ".join([f"name: {head}", "hidden_dim: 64", *(f"{k}: {v}" for k, v in HEADS[head].items())]) + "}"
+    cfg = vqa_cfg(f"model.fusion={spec}", "model.classifier_hidden=64")
+    task = build_task(cfg)
+    datamodule = build_datamodule(cfg, task)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    optimizer = torch.optim.AdamW(task.parameters(), lr=2e-3)
+    task.train()
+    losses = []
+    for _ in range(40):  # one fixed batch: any head that learns at all must fit it
+        loss = task.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_unknown_fusion_head_lists_choices() -> None:
+    with pytest.raises(ConfigError, match=r"unknown fusion head 'flim'.*Did you mean 'film'.*single_stream"):
+        build_task(vqa_cfg("model.fusion={name: flim}"))
+
+
+def test_fusion_head_option_typo_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"model.fusion.chanels: unknown option.*Did you mean 'channels'"):
+        build_task(vqa_cfg("model.fusion={name: film, chanels: 8}"))
+
+
+@pytest.fixture
+def clip_run(tmp_path: Path) -> Path:
+    assert main(["fit", "clip-shapes", *SHAPES_CLIP, "logger.name=none", "run.name=clip"]) == 0
+    return tmp_path / "runs" / "clip"
+
+
+def test_init_from_loads_clip_towers_and_freezes(clip_run: Path) -> None:
+    ckpt = torch.load(clip_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    task = build_task(vqa_cfg(f"model.init_from={clip_run}", "model.freeze_vision=true"))
+    for name, tensor in task.state_dict().items():
+        if name.startswith(("vision.", "text.")):
+            assert torch.equal(tensor, ckpt[name]), name
+    fresh = build_task(vqa_cfg())
+    assert not torch.equal(fresh.text.embed.weight, task.text.embed.weight)
+    # a frozen tower: no gradients, and its BatchNorm statistics do not move in training
+    datamodule = build_datamodule(vqa_cfg(), task)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    before = {k: v.clone() for k, v in task.vision.state_dict().items()}
+    task.train()
+    task.training_step(batch, 0).backward()
+    assert all(p.grad is None for p in task.vision.parameters())
+    assert any(p.grad is not None for p in task.text.parameters())
+    assert all(torch.equal(before[k], v) for k, v in task.vision.state_dict().items())
+
+
+def test_init_from_with_other_towers_names_the_spec(clip_run: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not fit this recipe's model.vision; that run built it as .*width.*16"):
+        build_task(vqa_cfg(f"model.init_from={clip_run}", "model.vision.width=8"))
+    with pytest.raises(ConfigError, match="no such file or run directory"):
+        build_task(vqa_cfg("model.init_from=runs/nowhere"))
+
+
+def test_soft_bce_and_cross_entropy_are_the_textbook_losses() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6)
+    soft = torch.tensor([[1, 0.3, 0, 0, 0, 0], [0, 0, 0.6, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1.0]])
+    expected = -(soft * F.logsigmoid(logits) + (1 - soft) * F.logsigmoid(-logits)).sum() / 4
+    assert torch.allclose(SoftScoreBCE()(logits, soft), expected, atol=1e-6)
+    one_hot = F.one_hot(torch.tensor([2, 0, 5, 1]), 6).float()
+    assert torch.allclose(SoftCrossEntropy()(logits, one_hot), F.cross_entropy(logits, torch.tensor([2, 0, 5, 1])))
+    # a question whose answers are all outside the vocabulary (zero row) is left out
+    kept = SoftCrossEntropy()(logits, soft)
+    rows = [0, 1, 3]
+    manual = -(soft[rows] / soft[rows].sum(1, keepdim=True) * F.log_softmax(logits[rows], 1)).sum(1).mean()
+    assert torch.allclose(kept, manual, atol=1e-6)
