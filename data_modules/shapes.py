@@ -145,8 +145,8 @@ class ShapesQuestions(Dataset):
         self.text = tokenize(tokenizer, self.questions, max_length)
         self.answer = torch.tensor([index.get(q.answer, -1) for _, q in items])
         self.family = torch.tensor([world.QUESTION_FAMILIES.index(q.family) for _, q in items])
-        fallback = max(blind.values(), key=list(blind.values()).count) if blind else answers[0]
-        self.blind = torch.tensor([index[blind.get(blind_type(q), fallback)] for _, q in items])
+        # a blind answer outside a small vocabulary falls back to the most frequent answer
+        self.blind = torch.tensor([index.get(blind.get(blind_type(q), answers[0]), 0) for _, q in items])
         self.num_answers, self.image_config = len(answers), image_config
 
     def __len__(self) -> int:

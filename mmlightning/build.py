@@ -37,6 +37,9 @@ def import_components(imports: list[str] | None = None) -> None:
         try:
             if name.endswith(".py"):
                 path = Path(name).resolve()
+                loaded = sys.modules.get(path.stem)
+                if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+                    continue  # already registered its names in this process
                 spec = importlib.util.spec_from_file_location(path.stem, path)
                 if spec is None or not path.is_file():
                     raise FileNotFoundError(name)
@@ -49,12 +52,15 @@ def import_components(imports: list[str] | None = None) -> None:
             raise ConfigError(f"imports: cannot import {name!r}: {err}") from None
 
 
-def build_task(cfg: dict[str, Any]):
+def build_task(cfg: dict[str, Any], load_pretrained: bool = True):
     """The task's keyword arguments are the recipe's ``model:`` section plus its loss,
-    optimizer and schedule."""
+    optimizer and schedule. ``load_pretrained=False`` skips ``model.init_from``: when a
+    checkpoint of this very run is about to be loaded, the pretraining run is not needed."""
     import_components(cfg.get("imports"))
     task_cls = TASKS.get(str(cfg["task"]), "task")
     model = dict(cfg.get("model") or {})
+    if not load_pretrained and model.get("init_from"):
+        model["init_from"] = None
     check_kwargs(task_cls, model, "model")
     task = task_cls(**model, loss=cfg["loss"], optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler"))
     task.recipe = cfg
@@ -130,9 +136,13 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> l
 
 
 def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
-                  enable_checkpointing: bool = True) -> L.Trainer:
+                  enable_checkpointing: bool = True, task: Any = None) -> L.Trainer:
     trainer_kwargs = dict(cfg.get("trainer") or {})
     check_kwargs(L.Trainer.__init__, trainer_kwargs, "trainer")
+    if trainer_kwargs.get("strategy") == "ddp" and getattr(task, "leaves_parameters_unused", False):
+        # e.g. a fusion head that reads grid tokens leaves the tower's pooling layer without
+        # gradients, which plain DDP treats as an error
+        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
     callbacks: list[Any] = [RichProgressBar(leave=True)]
     loggers: list[Any] = []

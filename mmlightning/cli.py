@@ -148,9 +148,9 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     from mmlightning.summary import print_summary
 
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    task = build_task(cfg)
+    task = build_task(cfg, load_pretrained=ckpt_path is None)
     datamodule = build_datamodule(cfg, task)
-    trainer = build_trainer(cfg, run_dir, wandb_id)
+    trainer = build_trainer(cfg, run_dir, wandb_id, task=task)
     start = time.time()
     trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     fit_seconds = time.time() - start
@@ -179,9 +179,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    task = build_task(cfg)
+    task = build_task(cfg, load_pretrained=not args.ckpt)
     datamodule = build_datamodule(cfg, task)
-    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False)
+    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task)
     ckpt = str(runs.eval_checkpoint(args.ckpt)) if args.ckpt else None
     if ckpt is None:
         print("note: no --ckpt given; evaluating freshly initialised weights", file=sys.stderr)
@@ -206,8 +206,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmlightning.data_modules.transforms import eval_transform
 
     cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
-    cfg.setdefault("model", {})["init_from"] = None  # the checkpoint below holds every weight
-    task = build_task(cfg)
+    task = build_task(cfg, load_pretrained=False)  # the checkpoint below holds every weight
     if not hasattr(task, "caption"):
         raise ConfigError(f"mml predict captions images; recipe {cfg['recipe']!r} is a {cfg['task']!r} task.")
     folder = Path(args.images)
@@ -217,7 +216,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
     ckpt = runs.eval_checkpoint(args.ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     missing, unexpected = task.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "

@@ -12,6 +12,8 @@ the rest.
     film            question-conditioned FiLM blocks over the visual grid (Perez et al. 2018)
     stacked_attention  question-guided glimpses over grid cells, each conditioned on the last
                     and reading out where it looked (SAN, Yang et al. 2016, with coordinates)
+    co_attention    every word attends over grid cells and reads back what and where it found;
+                    a GRU then reads the grounded question (ViLBERT's text-to-image direction)
     relation_network  an MLP over every pair of grid cells and the question, summed
                     (Santoro et al. 2017)
     single_stream   one transformer over grid tokens and word tokens (VisualBERT/UNITER style)
@@ -48,8 +50,11 @@ class QuestionReader(nn.Module):
 
     def forward(self, text: TextOutput) -> torch.Tensor:
         lengths = text.mask.sum(dim=1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(text.tokens, lengths, batch_first=True, enforce_sorted=False)
-        _, last = self.gru(packed)  # (2, B, question_dim / 2): the final state of each direction
+        # fp32 whatever the autocast: cuDNN's RNN autocast casts to fp16 even under bf16-mixed
+        with torch.autocast(text.tokens.device.type, enabled=False):
+            packed = nn.utils.rnn.pack_padded_sequence(text.tokens.float(), lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            _, last = self.gru(packed)  # (2, B, question_dim / 2): the final state of each direction
         return torch.cat([last[0], last[1]], dim=-1)
 
 
@@ -249,6 +254,37 @@ class StackedAttentionFusion(nn.Module):
             read.append(glimpse)
             where = glimpse[:, None, -2:]
         return self.out(torch.cat([question, *read], dim=-1))
+
+
+@FUSION_HEADS.register("co_attention")
+class CoAttentionFusion(nn.Module):
+    """Words look at the image. Each word token (with its context from the text tower) attends
+    over the grid cells and reads back the attended features and the attended (x, y); a
+    bidirectional GRU then reads the question word by word with what each word found, so
+    "is the cross left of the circle" becomes a comparison of the x the word "cross" found
+    with the x the word "circle" found. Grounding a word is learnt from every question that
+    names an object, not only from relational ones."""
+
+    def __init__(self, vision_dim: int, vision_token_dim: int, text_token_dim: int, width: int = 128, heads: int = 4,
+                 question_dim: int = 256, hidden_dim: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.output_dim = hidden_dim
+        self.words = nn.Linear(text_token_dim, width)
+        self.cells = nn.Linear(vision_token_dim + 2, width)
+        # no dropout inside: the weights it returns are also where each word looked
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.reader = QuestionReader(text_token_dim + width + 2, question_dim)
+        self.out = nn.Sequential(mlp(question_dim + vision_dim, hidden_dim, hidden_dim, dropout), nn.GELU())
+
+    def forward(self, vision: VisionOutput, text: TextOutput) -> torch.Tensor:
+        grid = tokens_to_grid(vision.tokens)
+        xy = coordinate_maps(grid).flatten(2).transpose(1, 2)  # (B, N, 2)
+        cells = self.cells(torch.cat([grid.flatten(2).transpose(1, 2), xy], dim=-1))
+        found, weights = self.attention(self.words(text.tokens), cells, cells, need_weights=True)  # (B,T,W), (B,T,N)
+        grounded = torch.cat([text.tokens, self.dropout(found), weights @ xy.to(weights.dtype)], dim=-1)  # what each word is, saw, and where
+        question = self.reader(TextOutput(pooled=text.pooled, tokens=grounded, mask=text.mask))
+        return self.out(torch.cat([question, vision.pooled], dim=-1))
 
 
 @FUSION_HEADS.register("relation_network")

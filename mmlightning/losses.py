@@ -154,6 +154,8 @@ class SoftCrossEntropy(nn.Module):
         logits, target = at_least_fp32(logits, target)
         total = target.sum(dim=1, keepdim=True)
         keep = total.squeeze(1) > 0
+        if not keep.any():  # no question in this batch has an answer the classifier can give
+            return logits.sum() * 0.0
         return F.cross_entropy(logits[keep], target[keep] / total[keep], label_smoothing=self.label_smoothing)
 
 

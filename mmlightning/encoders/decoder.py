@@ -28,8 +28,8 @@ class HFCausalDecoder(nn.Module):
     - a local directory loads its weights (the new cross-attention layers start fresh);
     - ``pretrained: false`` builds from the config with fresh weights; ``config:`` overrides
       fields (``n_layer: 2``);
-    - a model type (``hf:gpt2``) builds from ``config:`` alone and needs ``tokenizer:``, which
-      may be a directory, a hub id, ``shapes`` or a word-list file (a closed word vocabulary).
+    - a model type with ``pretrained: false`` (``hf:gpt2``) builds from ``config:`` alone and
+      needs ``tokenizer:``: a directory, a hub id, ``shapes`` or a word-list file.
     """
 
     def __init__(self, name_or_path: str, pretrained: bool = True, config: dict[str, Any] | None = None,
@@ -43,7 +43,7 @@ class HFCausalDecoder(nn.Module):
         ids = {"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
                "pad_token_id": self.tokenizer.pad_token_id}
         try:
-            if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING:
+            if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING and not pretrained:
                 if tokenizer is None:
                     raise ConfigError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
                                       f"give tokenizer: <local dir, hub id, 'shapes' or a word-list file>.")
@@ -91,7 +91,7 @@ def small_decoder(vocab: str = "shapes", width: int = 128, layers: int = 2, head
     """A GPT-2 built small over a closed word vocabulary: no download, trains on a CPU."""
     config = {"n_embd": width, "n_layer": layers, "n_head": heads, "n_positions": max_length,
               "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
-    return HFCausalDecoder("gpt2", config=config, tokenizer=vocab, max_length=max_length)
+    return HFCausalDecoder("gpt2", pretrained=False, config=config, tokenizer=vocab, max_length=max_length)
 
 
 def load_decoder_tokenizer(name: str):

@@ -54,7 +54,7 @@ class TaskModule(L.LightningModule):
 
         path = eval_checkpoint(source)
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
             raise ConfigError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
         state = ckpt.get("state_dict", {})
@@ -77,6 +77,7 @@ class TaskModule(L.LightningModule):
         """No gradients, and BatchNorm statistics frozen too (see ``train``)."""
         module.requires_grad_(False)
         module.frozen = True
+        module.eval()  # Lightning's fit loop never calls train(); eval/test loops restore this flag
 
     def train(self, mode: bool = True) -> TaskModule:
         super().train(mode)

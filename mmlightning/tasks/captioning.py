@@ -27,6 +27,8 @@ DEFAULT_GENERATION = {"num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 1,
 
 @TASKS.register("caption")
 class CaptionTask(TaskModule):
+    leaves_parameters_unused = True  # heads that read only tokens leave the towers' pooling idle
+
     def __init__(self, vision: dict[str, Any], decoder: dict[str, Any], loss: dict[str, Any],
                  optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None,
                  generation: dict[str, Any] | None = None, init_from: str | None = None,
@@ -42,6 +44,11 @@ class CaptionTask(TaskModule):
                                     nn.LayerNorm(self.decoder.hidden_size))
         self.loss_fn = LOSSES.build(loss, "loss")
         self.generation = generation_options(generation)
+        if self.generation["max_new_tokens"] + 1 > self.decoder.max_length:
+            from mmlightning.registry import ConfigError
+
+            raise ConfigError(f"model.generation.max_new_tokens={self.generation['max_new_tokens']} plus BOS exceeds "
+                              f"the decoder's max_length {self.decoder.max_length} (its position table).")
         self.caption_metrics = {"val": CaptionMetrics(), "test": CaptionMetrics()}
 
     def data_spec(self) -> DataSpec:

@@ -28,6 +28,8 @@ SAMPLES_PER_TABLE = 16
 
 @TASKS.register("vqa")
 class VQATask(TaskModule):
+    leaves_parameters_unused = True  # heads that read only tokens leave the towers' pooling idle
+
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], fusion: dict[str, Any], loss: dict[str, Any],
                  optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None, classifier_hidden: int = 512,
                  dropout: float = 0.1, init_from: str | None = None, freeze_vision: bool = False,
@@ -76,6 +78,7 @@ class VQATask(TaskModule):
             self.metrics[f"{stage}_types"] = VQAAccuracy(self.type_names)
             self.metrics[f"{stage}_blind"] = VQAAccuracy(self.type_names)
             self.metrics[f"{stage}_groups"] = VQAAccuracy(self.group_names)
+            self.metrics[f"{stage}_blind_groups"] = VQAAccuracy(self.group_names)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
@@ -101,6 +104,7 @@ class VQATask(TaskModule):
         groups = self.type_to_group[types]
         keep = groups >= 0
         self.metrics[f"{stage}_groups"].update(score[keep], groups[keep])
+        self.metrics[f"{stage}_blind_groups"].update(blind[keep], groups[keep])
         if batch_idx == 0:
             self._table_rows = [
                 [batch["image"][i], batch["question"][i], self.answers[int(prediction[i])], batch["answer"][i],
@@ -114,7 +118,9 @@ class VQATask(TaskModule):
         if self.group_names:
             grouped = self.metrics[f"{stage}_groups"].compute()
             metrics.update({f"{stage}/{k}": v for k, v in grouped.items() if k != "acc"})
-        for name in ("types", "blind", "groups"):
+            grouped = self.metrics[f"{stage}_blind_groups"].compute()
+            metrics.update({f"{stage}/blind_{k}": v for k, v in grouped.items() if k != "acc"})
+        for name in ("types", "blind", "groups", "blind_groups"):
             self.metrics[f"{stage}_{name}"].reset()
         self.log_dict(metrics)
         if getattr(self, "_table_rows", None):
