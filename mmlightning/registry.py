@@ -54,8 +54,11 @@ class Registry:
         def add(obj: Callable) -> Callable:
             table = self._prefixes if name.endswith(":") else self._entries
             key = name.rstrip(":")
-            if key in table and table[key] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is already registered by {table[key]}")
+            old = table.get(key)
+            reloaded = old is not None and (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) == (
+                getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+            if old is not None and old is not obj and not reloaded:  # a re-imported module may replace itself
+                raise ValueError(f"{self.kind} {name!r} is already registered by {old}")
             table[key] = obj
             return obj
 
