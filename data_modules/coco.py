@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from mmlightning.data_modules.common import string_ids
+from mmlightning.data_modules.common import SplitDataModule, string_ids
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
@@ -116,7 +115,7 @@ class Collate:
 
 
 @DATA_MODULES.register("coco_captions")
-class CocoCaptionsData(L.LightningDataModule):
+class CocoCaptionsData(SplitDataModule):
     """COCO-format image-caption data (COCO, Flickr30k converted, your own)."""
 
     zero_shot = None
@@ -125,37 +124,17 @@ class CocoCaptionsData(L.LightningDataModule):
                  val_json: str, val_images: str, test_json: str | None = None, test_images: str | None = None,
                  batch_size: int = 128, eval_batch_size: int = 128, num_workers: int = 4,
                  crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
-        super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size} / eval {eval_batch_size}")
+        super().__init__(batch_size, eval_batch_size, num_workers)
         self.files = {"train": (train_json, train_images), "val": (val_json, val_images),
                       "test": (test_json or val_json, test_images or val_images)}
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.crop_scale = tuple(crop_scale)
-        self.datasets: dict[str, Dataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
-        for split in wanted:
-            if split in self.datasets:
-                continue
-            paths, captions = read_coco_captions(*self.files[split])
-            if split == "train":
-                self.datasets[split] = CaptionPairs(paths, captions, train_transform(self.image_config, self.crop_scale))
-            else:
-                self.datasets[split] = CaptionedImages(paths, captions, eval_transform(self.image_config))
+    def build_split(self, split: str) -> Dataset:
+        paths, captions = read_coco_captions(*self.files[split])
+        if split == "train":
+            return CaptionPairs(paths, captions, train_transform(self.image_config, self.crop_scale))
+        return CaptionedImages(paths, captions, eval_transform(self.image_config))
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=Collate(self.tokenizer, self.max_length, evaluation=split != "train"))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+    def collate_fn(self, split: str) -> Collate:
+        return Collate(self.tokenizer, self.max_length, evaluation=split != "train")

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
+from mmlightning.data_modules.common import SplitDataModule
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
@@ -162,16 +162,16 @@ class CaptionCollate:
 
 
 @DATA_MODULES.register("coco_karpathy")
-class CocoKarpathyData(L.LightningDataModule):
+class CocoKarpathyData(SplitDataModule):
     """COCO (or Flickr) captions with Karpathy's train/val/test split, for captioning."""
+
+    drop_last_train = False  # a captioning loss is per caption: a short last batch is harmless
 
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, json_path: str, image_root: str,
                  train_splits: tuple[str, ...] | list[str] = ("train", "restval"), batch_size: int = 64,
                  eval_batch_size: int = 64, num_workers: int = 0,
                  crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
-        super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size} / eval {eval_batch_size}")
+        super().__init__(batch_size, eval_batch_size, num_workers)
         train_splits = (train_splits,) if isinstance(train_splits, str) else tuple(train_splits)
         unknown = [s for s in train_splits if s not in KARPATHY_SPLITS]
         if unknown or not train_splits:
@@ -179,9 +179,7 @@ class CocoKarpathyData(L.LightningDataModule):
                               f"valid: {', '.join(KARPATHY_SPLITS)}.")
         self.json_path, self.image_root, self.train_splits = json_path, image_root, train_splits
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.crop_scale = tuple(crop_scale)
-        self.datasets: dict[str, Dataset] = {}
         self._splits: dict[str, list[KarpathyImage]] | None = None  # the parsed file, read once
 
     def images(self, split: str) -> list[KarpathyImage]:
@@ -195,28 +193,11 @@ class CocoKarpathyData(L.LightningDataModule):
         check_images(self.json_path, self.image_root, images)
         return images
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
-        for split in wanted:
-            if split in self.datasets:
-                continue
-            if split == "train":
-                self.datasets[split] = CaptionItems(self.images(split), self.tokenizer, self.max_length,
-                                                    train_transform(self.image_config, self.crop_scale))
-            else:
-                self.datasets[split] = ImageItems(self.images(split), eval_transform(self.image_config))
+    def build_split(self, split: str) -> Dataset:
+        if split == "train":
+            return CaptionItems(self.images(split), self.tokenizer, self.max_length,
+                                train_transform(self.image_config, self.crop_scale))
+        return ImageItems(self.images(split), eval_transform(self.image_config))
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        # no drop_last: a captioning loss is per caption, so a short last batch is harmless
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=CaptionCollate(self.tokenizer, evaluation=split != "train"))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+    def collate_fn(self, split: str) -> CaptionCollate:
+        return CaptionCollate(self.tokenizer, evaluation=split != "train")

@@ -12,12 +12,16 @@ image as found through any of them:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from mmlightning.encoders.outputs import ImageConfig
+from mmlightning.registry import ConfigError
 
 
 @dataclass
@@ -50,3 +54,50 @@ def string_ids(strings: list[str]) -> torch.Tensor:
 def already_batched(batch: Any) -> Any:
     """collate_fn for datasets that build whole batches in ``__getitems__``."""
     return batch
+
+
+SPLITS_FOR_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
+class SplitDataModule(L.LightningDataModule):
+    """What every data module here shares: one dataset per split, built on first use by
+    ``build_split(split)``, and loaders that shuffle the training split only (dropping its
+    last short batch when ``drop_last_train``: contrastive losses want full batches)."""
+
+    drop_last_train = True
+
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
+                              f"{eval_batch_size}.")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.datasets: dict[str, Dataset] = {}
+
+    def build_split(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def collate_fn(self, split: str) -> Callable[[Any], Any]:
+        """Default: datasets that cut whole batches in ``__getitems__``."""
+        return already_batched
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS_FOR_STAGE.get(stage or "", ("train", "val", "test")):
+            if split not in self.datasets:
+                self.datasets[split] = self.build_split(split)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle,
+                          drop_last=shuffle and self.drop_last_train, collate_fn=self.collate_fn(split),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_world as world
-from mmlightning.data_modules.common import ZeroShotSpec, already_batched, normalize_uint8, string_ids
+from mmlightning.data_modules.common import SplitDataModule, ZeroShotSpec, normalize_uint8, string_ids
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.registry import DATA_MODULES, ConfigError
@@ -75,7 +74,7 @@ class ShapesEval(Dataset):
 
 
 @DATA_MODULES.register("shapes_clip")
-class ShapesCLIPData(L.LightningDataModule):
+class ShapesCLIPData(SplitDataModule):
     """Image-caption pairs from the shapes world, rendered at the vision encoder's size.
 
     Zero-shot classes are every (size, colour, shape); the ``heldout`` group holds those
@@ -86,48 +85,27 @@ class ShapesCLIPData(L.LightningDataModule):
                  num_val: int = 1000, num_test: int = 1000, seed: int = 0, max_objects: int = 3,
                  heldout: list[list[str]] | None = None, batch_size: int = 256, eval_batch_size: int = 500,
                  num_workers: int = 0, zero_shot_templates: tuple[str, ...] = ("a {}",)) -> None:
-        super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size} / eval {eval_batch_size}")
+        super().__init__(batch_size, eval_batch_size, num_workers)
         if not 1 <= max_objects <= 3:
             raise ConfigError(f"data.max_objects must be 1, 2 or 3, got {max_objects}")
         self.heldout = tuple(tuple(h) for h in heldout) if heldout is not None else world.DEFAULT_HELDOUT
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
         self.seed, self.max_objects = seed, max_objects
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         objects = world.all_objects()
         self.zero_shot = ZeroShotSpec(
             classnames=[world.object_phrase(o) for o in objects], templates=list(zero_shot_templates),
             groups={"heldout": [i for i, o in enumerate(objects) if o in self.heldout],
                     "seen": [i for i, o in enumerate(objects) if o not in self.heldout]},
         )
-        self.datasets: dict[str, Dataset] = {}
 
     def render(self, split: str) -> world.ShapesSplit:
         return world.generate(split, self.sizes[split], seed=self.seed, image_size=self.image_config.size,
                               max_objects=self.max_objects, heldout=self.heldout)
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
-        for split in wanted:
-            if split not in self.datasets:
-                kind = ShapesPairs if split == "train" else ShapesEval
-                self.datasets[split] = kind(self.render(split), self.tokenizer, self.max_length, self.image_config)
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          collate_fn=already_batched, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+    def build_split(self, split: str) -> Dataset:
+        kind = ShapesPairs if split == "train" else ShapesEval
+        return kind(self.render(split), self.tokenizer, self.max_length, self.image_config)
 
 
 class ShapesQuestions(Dataset):
@@ -216,14 +194,11 @@ class ShapesVQAData(ShapesCLIPData):
                                                   heldout=self.heldout, with_questions=True)
         return self.rendered[split]
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
-        for split in wanted:
-            if split not in self.datasets:
-                self.datasets[split] = ShapesQuestions(self.render(split), self.answers, self.blind, self.tokenizer,
-                                                       self.max_length, self.image_config)
-                if split == "train":
-                    self.rendered.pop(split)  # the dataset holds what it needs
+    def build_split(self, split: str) -> Dataset:
+        dataset = ShapesQuestions(self.render(split), self.answers, self.blind, self.tokenizer, self.max_length,
+                                  self.image_config)
+        self.rendered.pop(split)  # the dataset holds what it needs
+        return dataset
 
 
 class ShapesCaptionPairs(Dataset):
@@ -277,11 +252,7 @@ class ShapesCaptionData(ShapesCLIPData):
         super().__init__(tokenizer, max_length, image_config, **kwargs)
         self.zero_shot = None
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
-        for split in wanted:
-            if split not in self.datasets:
-                rendered = self.render(split)
-                self.datasets[split] = (
-                    ShapesCaptionPairs(rendered, self.tokenizer, self.max_length, self.image_config)
-                    if split == "train" else ShapesCaptionEval(rendered, self.image_config))
+    def build_split(self, split: str) -> Dataset:
+        if split == "train":
+            return ShapesCaptionPairs(self.render(split), self.tokenizer, self.max_length, self.image_config)
+        return ShapesCaptionEval(self.render(split), self.image_config)

@@ -35,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
-from mmlightning.data_modules.common import already_batched
+from mmlightning.data_modules.common import SplitDataModule
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
@@ -236,7 +235,7 @@ class VQAQuestions(Dataset):
 
 # ------------------------------------------------------------------ the data module
 @DATA_MODULES.register("vqav2")
-class VQAv2Data(L.LightningDataModule):
+class VQAv2Data(SplitDataModule):
     """VQAv2 (or any data in its file layout) with COCO images.
 
     ``answers`` and ``question_types`` are known after ``__init__`` (it reads the training
@@ -247,9 +246,7 @@ class VQAv2Data(L.LightningDataModule):
                  train_annotations: str, train_images: str, val_questions: str, val_annotations: str, val_images: str,
                  test_questions: str | None = None, test_annotations: str | None = None, test_images: str | None = None,
                  num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0) -> None:
-        super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size} / eval {eval_batch_size}")
+        super().__init__(batch_size, eval_batch_size, num_workers)
         if isinstance(num_answers, bool) or not isinstance(num_answers, int) or num_answers < 1:
             raise ConfigError(f"data.num_answers must be a positive integer, got {num_answers!r}")
         test = {"test_questions": test_questions, "test_annotations": test_annotations, "test_images": test_images}
@@ -269,7 +266,6 @@ class VQAv2Data(L.LightningDataModule):
                     raise ConfigError(f"data.{split}_{kind}: {'folder' if kind == 'images' else 'file'} "
                                       f"{str(path)!r} does not exist.")
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
 
         train = read_annotations(train_annotations, "data.train_annotations")
         self.answers: list[str] = answer_vocabulary(train, num_answers)
@@ -280,7 +276,6 @@ class VQAv2Data(L.LightningDataModule):
         self.blind = blind_answers(train, self.answer_index)
         # resolve the training annotations now, so their JSON (GBs of Python objects) is freed
         self.annotated = {"train": self._resolve(train, "train")}
-        self.datasets: dict[str, Dataset] = {}
 
     def _resolve(self, annotations: list[dict[str, Any]], split: str) -> AnnotatedSplit:
         return resolve(annotations, str(self.files[split][1]), f"data.{split}_annotations", self.answer_index,
@@ -317,25 +312,6 @@ class VQAv2Data(L.LightningDataModule):
                             len(self.answers), transform)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
-        for split in wanted:
-            if split in self.datasets:
-                continue
-            if split == "test" and self.files["test"] == self.files["val"] and "val" in self.datasets:
-                self.datasets["test"] = self.datasets["val"]
-            else:
-                self.datasets[split] = self.build_split(split)
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          collate_fn=already_batched, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        if stage == "test" and self.files["test"] == self.files["val"] and "val" in self.datasets:
+            self.datasets["test"] = self.datasets["val"]  # testing on val: read it once
+        super().setup(stage)

@@ -102,6 +102,27 @@ class TaskModule(L.LightningModule):
         scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------------ evaluation
+    # Validation and test run the same code on different splits: a task implements
+    # ``evaluate_step`` and ``evaluate_epoch_end`` once, with ``stage`` "val" or "test".
+    def evaluate_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        raise NotImplementedError
+
+    def evaluate_epoch_end(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluate_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.evaluate_epoch_end("test")
+
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A table of examples (images as tensors normalised for the vision tower) in W&B, for
         reading what the model does, not only how much it scores."""

@@ -71,32 +71,20 @@ class CaptionTask(TaskModule):
         return [t.strip() for t in self.decoder.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+    def evaluate_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         captions = self.caption(batch["image"])
         self.caption_metrics[stage].update(batch["image_id"], captions, batch["references"])
         if batch_idx == 0:
             self._table_rows = [[batch["image"][i], captions[i], " | ".join(batch["references"][i])]
                                 for i in range(min(SAMPLES_PER_TABLE, len(captions)))]
 
-    def _eval_epoch_end(self, stage: str) -> None:
+    def evaluate_epoch_end(self, stage: str) -> None:
         scores = self.caption_metrics[stage].compute()
         self.caption_metrics[stage].reset()
         self.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False)
         if getattr(self, "_table_rows", None):
             self.log_samples(f"{stage}/samples", ["image", "generated", "references"], self._table_rows)
             self._table_rows = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
 
 def generation_options(options: dict[str, Any] | None) -> dict[str, Any]:

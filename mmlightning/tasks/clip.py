@@ -85,29 +85,17 @@ class CLIPTask(TaskModule):
     def on_test_epoch_start(self) -> None:
         self.build_zero_shot_classifier()
 
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+    def evaluate_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> None:
         image = self.encode_image(batch["image"])
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         self.retrieval[stage].update(image, batch["image_id"], text, batch["text_image_id"], batch["caption_id"], batch["text_id"])
         if self.classifier is not None and "label" in batch:
             self.zero_shot[stage].update(image @ self.classifier.T, batch["label"])
 
-    def _eval_epoch_end(self, stage: str) -> None:
+    def evaluate_epoch_end(self, stage: str) -> None:
         metrics = dict(self.retrieval[stage].compute())
         self.retrieval[stage].reset()
         if self.classifier is not None:
             metrics.update({f"zs_{k}": v for k, v in self.zero_shot[stage].compute().items()})
             self.zero_shot[stage].reset()
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()})
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")

@@ -93,7 +93,7 @@ class VQATask(TaskModule):
         return loss
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+    def evaluate_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
         prediction = logits.argmax(dim=-1)
         score = batch["accuracy"].gather(1, prediction[:, None]).squeeze(1)
@@ -112,7 +112,7 @@ class VQATask(TaskModule):
                 for i in range(min(SAMPLES_PER_TABLE, len(prediction)))
             ]
 
-    def _eval_epoch_end(self, stage: str) -> None:
+    def evaluate_epoch_end(self, stage: str) -> None:
         metrics = {f"{stage}/{k}": v for k, v in self.metrics[f"{stage}_types"].compute().items()}
         metrics.update({f"{stage}/blind_{k}": v for k, v in self.metrics[f"{stage}_blind"].compute().items()})
         if self.group_names:
@@ -127,18 +127,6 @@ class VQATask(TaskModule):
             self.log_samples(f"{stage}/samples", ["image", "question", "predicted", "answer", "accuracy"],
                              self._table_rows)
             self._table_rows = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
