@@ -98,6 +98,14 @@ def test_init_from_loads_clip_towers_and_freezes(clip_run: Path) -> None:
     assert not torch.equal(text_before, task.text.embed.weight)  # the unfrozen tower trained
 
 
+def test_init_from_reads_compiled_tower_keys(clip_run: Path, tmp_path: Path) -> None:
+    ckpt = torch.load(clip_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    compiled = {k.replace("vision.", "vision._orig_mod.", 1): v for k, v in ckpt["state_dict"].items()}
+    torch.save({**ckpt, "state_dict": compiled}, tmp_path / "compiled.ckpt")
+    task = build_task(vqa_cfg(f"model.init_from={tmp_path / 'compiled.ckpt'}"))
+    assert torch.equal(task.vision.pos_embed, ckpt["state_dict"]["vision.pos_embed"])
+
+
 def test_init_from_with_other_towers_names_the_spec(clip_run: Path) -> None:
     with pytest.raises(ConfigError, match=r"does not fit this recipe's model.vision; that run built it as .*width.*16"):
         build_task(vqa_cfg(f"model.init_from={clip_run}", "model.vision.width=8"))

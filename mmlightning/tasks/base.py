@@ -57,7 +57,9 @@ class TaskModule(L.LightningModule):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
             raise ConfigError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
-        state = ckpt.get("state_dict", {})
+        # a tower compiled on its own (torch.compile) or wrapped for DDP saves extra prefixes
+        state = {k.replace("_orig_mod.", "").replace("module.", "", 1) if k.startswith("module.") else
+                 k.replace("_orig_mod.", ""): v for k, v in ckpt.get("state_dict", {}).items()}
         source_model = (ckpt.get("mmlightning_recipe") or {}).get("model") or {}
         for name, tower in towers.items():
             prefix = f"{name}."
