@@ -7,7 +7,6 @@ captions (5 for COCO), so retrieval follows the standard protocol.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mmlightning.data_modules.common import SplitDataModule, string_ids
+from mmlightning.data_modules.common import SplitDataModule, read_json_with_images, string_ids
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
@@ -25,15 +24,7 @@ from mmlightning.registry import DATA_MODULES, ConfigError
 def read_coco_captions(json_path: str | Path, image_root: str | Path) -> tuple[list[Path], list[list[str]]]:
     """Image paths and their captions, in the file's image order. Every problem names the
     file and the entry."""
-    json_path, image_root = Path(json_path), Path(image_root)
-    if not json_path.is_file():
-        raise ConfigError(f"COCO captions file {str(json_path)!r} does not exist.")
-    if not image_root.is_dir():
-        raise ConfigError(f"image folder {str(image_root)!r} does not exist.")
-    try:
-        data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{json_path}: not valid JSON ({err}).") from None
+    data, json_path, image_root = read_json_with_images(json_path, image_root, "COCO captions file")
     for key in ("images", "annotations"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise ConfigError(f"{json_path}: expected a top-level list {key!r} (COCO captions layout).")

@@ -17,7 +17,6 @@ Batches for captioning:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
-from mmlightning.data_modules.common import SplitDataModule
+from mmlightning.data_modules.common import SplitDataModule, read_json_with_images
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
@@ -45,15 +44,7 @@ class KarpathyImage:
 def read_karpathy(json_path: str | Path, image_root: str | Path) -> dict[str, list[KarpathyImage]]:
     """The images of each Karpathy split, in file order. Every problem names the file and the
     entry. Image files are not touched here (see ``check_images``)."""
-    json_path, image_root = Path(json_path), Path(image_root)
-    if not json_path.is_file():
-        raise ConfigError(f"Karpathy split file {str(json_path)!r} does not exist.")
-    if not image_root.is_dir():
-        raise ConfigError(f"image folder {str(image_root)!r} does not exist.")
-    try:
-        data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{json_path}: not valid JSON ({err}).") from None
+    data, json_path, image_root = read_json_with_images(json_path, image_root, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ConfigError(f"{json_path}: expected a top-level list 'images' (Karpathy dataset_coco.json layout).")
     splits: dict[str, list[KarpathyImage]] = {s: [] for s in KARPATHY_SPLITS}

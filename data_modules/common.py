@@ -12,8 +12,10 @@ image as found through any of them:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -101,3 +103,18 @@ class SplitDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def read_json_with_images(json_path: str | Path, image_root: str | Path, what: str) -> tuple[Any, Path, Path]:
+    """Parse an annotation file that names images under ``image_root``; a missing file or
+    folder, or bad JSON, is an error naming it. ``what`` says what the file is
+    ("COCO captions file")."""
+    json_path, image_root = Path(json_path), Path(image_root)
+    if not json_path.is_file():
+        raise ConfigError(f"{what} {str(json_path)!r} does not exist.")
+    if not image_root.is_dir():
+        raise ConfigError(f"image folder {str(image_root)!r} does not exist.")
+    try:
+        return json.loads(json_path.read_text()), json_path, image_root
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{json_path}: not valid JSON ({err}).") from None
