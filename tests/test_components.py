@@ -48,6 +48,11 @@ def test_timm_and_hf_towers_by_one_override(minilm_dir: Path) -> None:
     image = task.encode_image(torch.randn(2, 3, 64, 64))
     text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])
     assert image.shape == (2, 128) and text.shape == (1, 128)
+    # every parameter takes part in the loss: DDP (without find_unused_parameters) requires it
+    tokens = task.text.tokenizer(["a small red circle", "a large blue square"], return_tensors="pt", padding=True)
+    text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    task.loss_fn(image, text, task.temperature_scale()).backward()
+    assert [n for n, p in task.named_parameters() if p.grad is None] == []
 
 
 def test_user_component_from_own_module(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

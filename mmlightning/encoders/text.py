@@ -82,11 +82,13 @@ class HFTextEncoder(nn.Module):
                                       f"give tokenizer: <local dir or hub id>.")
             else:
                 hf_config = AutoConfig.from_pretrained(name_or_path, **overrides)
+            # BERT-style pooler layers are never read (pooling happens here): left in, they would
+            # be parameters without gradients, which DDP rejects
+            no_pooler = {"add_pooling_layer": False} if hf_config.model_type in ("bert", "roberta") else {}
             if pretrained:
-                self.model = AutoModel.from_pretrained(name_or_path, config=hf_config, add_pooling_layer=False) \
-                    if hf_config.model_type in ("bert", "roberta") else AutoModel.from_pretrained(name_or_path, config=hf_config)
+                self.model = AutoModel.from_pretrained(name_or_path, config=hf_config, **no_pooler)
             else:
-                self.model = AutoModel.from_config(hf_config)
+                self.model = AutoModel.from_config(hf_config, **no_pooler)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
         except OSError as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
