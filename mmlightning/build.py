@@ -135,6 +135,29 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> l
     return [wandb_logger, CSVLogger(save_dir=str(run_dir), name="csv", version="")]
 
 
+class ProgressBar(RichProgressBar):
+    """Rich's bar, redrawn every ``every`` training batches rather than every one: each redraw
+    turns the logged tensors into Python numbers, a host-device sync per step on a GPU."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__(leave=True)
+        self.every = max(1, int(every))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % self.every == 0 or batch_idx + 1 == self.total_train_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        # the loss is logged without prog_bar=True, which would make Lightning itself convert
+        # it every step; read here, it costs one conversion per redraw
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = trainer.logged_metrics.get("train/loss")
+        if loss is not None:
+            metrics["loss"] = f"{float(loss):.4g}"
+        return metrics
+
+
 def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
                   enable_checkpointing: bool = True, task: Any = None) -> L.Trainer:
     trainer_kwargs = dict(cfg.get("trainer") or {})
@@ -144,7 +167,7 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
         # gradients, which plain DDP treats as an error
         trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    callbacks: list[Any] = [RichProgressBar(leave=True)]
+    callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50)]
     loggers: list[Any] = []
     if run_dir is not None:
         loggers = build_loggers(cfg, run_dir, wandb_id)

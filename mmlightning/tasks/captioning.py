@@ -60,7 +60,7 @@ class CaptionTask(TaskModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self.decoder(batch["input_ids"], batch["attention_mask"], self.visual_tokens(batch["image"]))
         loss = self.loss_fn(logits, batch["input_ids"], batch["attention_mask"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         return loss
 
     @torch.no_grad()

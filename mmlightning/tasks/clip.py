@@ -57,7 +57,7 @@ class CLIPTask(TaskModule):
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         scale = self.temperature_scale()
         loss = self.loss_fn(image, text, scale, caption_ids=batch.get("caption_id"), logit_bias=self.logit_bias)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         self.log("train/logit_scale", scale)
         return loss
 

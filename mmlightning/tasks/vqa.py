@@ -89,7 +89,7 @@ class VQATask(TaskModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
         loss = self.loss_fn(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         return loss
 
     # ------------------------------------------------------------------ evaluation
