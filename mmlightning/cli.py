@@ -152,23 +152,28 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     datamodule = build_datamodule(cfg, task)
     trainer = build_trainer(cfg, run_dir, wandb_id, task=task)
     start = time.time()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    fit_seconds = time.time() - start
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        fit_seconds = time.time() - start
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+        results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+    except BaseException:
+        finish_loggers(trainer, "failed")
+        raise
     if trainer.is_global_zero:
         print_summary(cfg, run_dir, trainer, results[0] if results else {}, fit_seconds, best)
     finish_loggers(trainer)
     return 0
 
 
-def finish_loggers(trainer: Any) -> None:
-    """Flush and close the W&B run now, so a second run in this process starts a new one."""
+def finish_loggers(trainer: Any, status: str = "success") -> None:
+    """Flush and close the W&B run now (marked failed if the run raised), so a second run in
+    this process starts a new one."""
     for logger in trainer.loggers:
-        logger.finalize("success")
+        logger.finalize(status)
         if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -83,6 +83,33 @@ def test_existing_run_is_never_overwritten(capsys: pytest.CaptureFixture) -> Non
     assert "already exists. Continue it with `--resume" in capsys.readouterr().err
 
 
+def test_crashed_run_closes_its_wandb_run(tmp_path: Path) -> None:
+    """A run that raises mid-fit marks its W&B run failed and closes it: the next run in the
+    same process gets a W&B run of its own instead of writing into the crashed one."""
+    (tmp_path / "flaky.py").write_text('''
+from mmlightning.encoders.vision import SmallCNN
+from mmlightning.registry import VISION_ENCODERS
+
+@VISION_ENCODERS.register("flaky_cnn")
+class FlakyCNN(SmallCNN):
+    calls = 0
+
+    def forward(self, images):
+        FlakyCNN.calls += 1
+        if FlakyCNN.calls == 3:
+            raise RuntimeError("disk went away")
+        return super().forward(images)
+''')
+    base = ["fit", "clip-shapes", *SHAPES_CLIP, "logger.name=wandb", "trainer.max_steps=4"]
+    with pytest.raises(RuntimeError, match="disk went away"):
+        main([*base, "imports=[flaky.py]", "model.vision.name=flaky_cnn", "run.name=crashed"])
+    assert main([*base, "run.name=next"]) == 0
+    crashed, = [read_run(p) for p in find_run_files(tmp_path / "runs" / "crashed" / "wandb")]
+    following, = [read_run(p) for p in find_run_files(tmp_path / "runs" / "next" / "wandb")]
+    assert following.name == "next" and following.run_id != crashed.run_id
+    assert all(row.get("trainer/global_step", 0) <= 4 for row in following.history)
+
+
 def test_validate_and_test_from_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["fit", "clip-shapes", *SHAPES_CLIP, "logger.name=none", "run.name=e"]) == 0
     capsys.readouterr()
