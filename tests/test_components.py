@@ -84,3 +84,27 @@ class TinyMLP(nn.Module):
 def test_siglip_by_one_override() -> None:
     task = task_for("loss.name=siglip")
     assert task.logit_bias is not None and float(task.logit_bias) == -10.0
+
+
+def test_adamw_fused_by_default_and_same_updates_as_torch_loop() -> None:
+    import torch
+
+    from mmlightning.registry import OPTIMIZERS
+
+    def trained(fused: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+        optimizer = OPTIMIZERS.build({"name": "adamw", "lr": 1e-2, "fused": fused}, "optimizer",
+                                     params=[{"params": list(model.parameters())}])
+        for step in range(5):
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        return model, optimizer
+
+    fused_model, fused_optimizer = trained(None)
+    loop_model, loop_optimizer = trained(False)
+    assert fused_optimizer.defaults["fused"] is True and not loop_optimizer.defaults["fused"]
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -97,7 +97,10 @@ class TaskModule(L.LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> Any:
-        optimizer = OPTIMIZERS.build(self.optimizer_spec, "optimizer", params=self.parameter_groups())
+        spec = dict(self.optimizer_spec)
+        if spec.get("name") == "adamw" and spec.get("fused") is None and self.trainer.gradient_clip_val:
+            spec["fused"] = False  # Lightning's mixed-precision plugin will not clip a fused optimizer's gradients
+        optimizer = OPTIMIZERS.build(spec, "optimizer", params=self.parameter_groups())
         if not self.scheduler_spec:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
