@@ -18,6 +18,7 @@ import torch
 from tiny import tiny_overrides
 
 from mmlightning.build import build_datamodule, build_task, build_trainer
+from mmlightning.cli import finish_loggers
 from mmlightning.config import load_recipe, resolve
 
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
@@ -63,8 +64,11 @@ def test_conversions_only_on_logging_steps(recipe: str, fixtures: dict[str, Path
 
     for name in CONVERSIONS:
         monkeypatch.setattr(torch.Tensor, name, recording(name))
-    trainer.fit(task, datamodule=datamodule)
-    monkeypatch.undo()
+    try:
+        trainer.fit(task, datamodule=datamodule)
+    finally:
+        monkeypatch.undo()
+        finish_loggers(trainer)  # else the next test's W&B run would write into this one
 
     last = trainer.global_step - 1
     assert last >= 2 * LOG_EVERY
