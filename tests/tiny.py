@@ -65,6 +65,7 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
         "vqa-vqav2": lambda: vqav2_overrides(fx["vqav2"], fx["minilm"]),
         "caption-shapes": lambda: SHAPES_CAPTION,
         "caption-coco": lambda: karpathy_overrides(fx["karpathy"], fx["minilm"]),
+        "lit-shapes-pretrained": lambda: [*SHAPES_CLIP, "model.vision.img_size=32"],  # the real packaged weights
     }
     return table[recipe]()
 

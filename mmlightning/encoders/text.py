@@ -15,6 +15,7 @@ from torch import nn
 
 from mmlightning.encoders.outputs import TextOutput
 from mmlightning.encoders.tokenizers import named_vocabulary, word_tokenizer
+from mmlightning.encoders.weights import local_path
 from mmlightning.registry import TEXT_ENCODERS, ConfigError
 
 
@@ -72,6 +73,10 @@ class HFTextEncoder(nn.Module):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         overrides = dict(config or {})
+        if name_or_path.startswith("pkg:"):  # a model folder shipped inside an installed package
+            name_or_path = str(local_path(name_or_path, "model.text.name"))
+        if tokenizer and tokenizer.startswith("pkg:"):
+            tokenizer = str(local_path(tokenizer, "model.text.tokenizer"))
         is_dir = Path(name_or_path).is_dir()
         try:
             if not is_dir and name_or_path in CONFIG_MAPPING:

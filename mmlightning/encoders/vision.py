@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from mmlightning.encoders.outputs import ImageConfig, VisionOutput
-from mmlightning.registry import VISION_ENCODERS, ConfigError
+from mmlightning.encoders.weights import local_path
+from mmlightning.registry import VISION_ENCODERS, WEIGHT_REMAPS, ConfigError
 
 
 @VISION_ENCODERS.register("shapes_cnn")
@@ -54,11 +55,13 @@ class TimmEncoder(nn.Module):
     """``timm:<model name>``: any timm model, classifier removed.
 
     ``pretrained=True`` downloads through timm (needs the hub); ``checkpoint_path`` loads a
-    local state dict instead, dropping the classifier.
+    local state dict instead (a path, or ``pkg:<package>/<file>`` inside an installed package),
+    dropping the classifier. ``checkpoint_remap`` names a ``WEIGHT_REMAPS`` entry for a
+    checkpoint saved in another codebase's layout (``in_order``).
     """
 
     def __init__(self, model_name: str, pretrained: bool = False, checkpoint_path: str | None = None,
-                 img_size: int | None = None, grad_checkpointing: bool = False,
+                 checkpoint_remap: str | None = None, img_size: int | None = None, grad_checkpointing: bool = False,
                  model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
@@ -72,7 +75,15 @@ class TimmEncoder(nn.Module):
         except TypeError as err:
             raise ConfigError(f"timm:{model_name}: {err}") from None
         if checkpoint_path:
-            load_vision_checkpoint(self.model, checkpoint_path)
+            reference = None
+            if checkpoint_remap:
+                with torch.device("meta"):  # the layout with its classifier, as checkpoints are saved
+                    full = self._create(model_name, False, img_size, {**kwargs, "num_classes": None})
+                reference = {k: v.shape for k, v in full.state_dict().items()}
+            load_vision_checkpoint(self.model, local_path(checkpoint_path, "model.vision.checkpoint_path"),
+                                   checkpoint_remap, reference)
+        elif checkpoint_remap:
+            raise ConfigError("model.vision.checkpoint_remap needs a checkpoint_path.")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         data_cfg = timm.data.resolve_model_data_config(self.model)
@@ -85,15 +96,19 @@ class TimmEncoder(nn.Module):
 
     @staticmethod
     def _create(name: str, pretrained: bool, img_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
+        """Without a classifier (``num_classes: None`` in kwargs keeps the model's own)."""
+        kwargs = {"num_classes": 0, **kwargs}
+        if kwargs["num_classes"] is None:
+            del kwargs["num_classes"]
         if img_size is None:
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
         try:  # transformers bake the size into position embeddings
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=img_size, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
         except TypeError as err:
             if "img_size" not in str(err):
                 raise
             # convolutional nets take any size: only the data pipeline needs to know it
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
 
     def forward(self, images: torch.Tensor) -> VisionOutput:
         features = self.model.forward_features(images)
@@ -102,14 +117,19 @@ class TimmEncoder(nn.Module):
         return VisionOutput(pooled=pooled, tokens=tokens)
 
 
-def load_vision_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a local state dict; keys of the (removed) classifier are dropped, any other
-    mismatch is an error that names the keys."""
+def load_vision_checkpoint(model: nn.Module, path: str | Path, remap: str | None = None,
+                           reference: dict[str, torch.Size] | None = None) -> None:
+    """Load a local state dict, first through the ``remap`` named (onto the ``reference``
+    layout); keys of the (removed) classifier are dropped, any other mismatch is an error that
+    names the keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint_path {str(path)!r} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if remap:
+        state = WEIGHT_REMAPS.build({"name": remap}, "model.vision.checkpoint_remap", state=state,
+                                    reference=reference, source=str(path))
     head = getattr(model, "default_cfg", {}).get("classifier", "head")
     heads = (head,) if isinstance(head, str) else tuple(head)
     state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in heads))}

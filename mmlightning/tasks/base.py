@@ -74,16 +74,11 @@ class TaskModule(L.LightningModule):
                                   f"model.{name}; that run built it as {source_model.get(name, '(unknown)')}. "
                                   f"Use the same spec. ({str(err).splitlines()[0]})") from None
 
-    @staticmethod
-    def freeze(module: nn.Module) -> None:
-        """No gradients, and BatchNorm statistics frozen too (see ``train``)."""
-        module.requires_grad_(False)
-        module.frozen = True
-        module.eval()  # Lightning's fit loop never calls train(); eval/test loops restore this flag
-
     def train(self, mode: bool = True) -> TaskModule:
         super().train(mode)
-        for module in self.modules():  # a frozen tower keeps its BatchNorm running statistics
+        # a frozen tower (or frozen BatchNorm inside one, see encoders.weights.freeze_tower) keeps
+        # its running statistics: Lightning's loops call train() at every epoch and after eval
+        for module in self.modules():
             if getattr(module, "frozen", False):
                 module.eval()
         return self

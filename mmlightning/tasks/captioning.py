@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mmlightning.metrics import CaptionMetrics
+from mmlightning.encoders.weights import freeze_tower
 from mmlightning.registry import LOSSES, TASKS, TEXT_DECODERS, VISION_ENCODERS
 from mmlightning.tasks.base import DataSpec, TaskModule
 
@@ -32,13 +33,12 @@ class CaptionTask(TaskModule):
     def __init__(self, vision: dict[str, Any], decoder: dict[str, Any], loss: dict[str, Any],
                  optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None,
                  generation: dict[str, Any] | None = None, init_from: str | None = None,
-                 freeze_vision: bool = False) -> None:
+                 freeze_vision: bool = False, unfrozen_vision_groups: int = 0) -> None:
         super().__init__(optimizer, scheduler)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         if init_from:
             self.init_towers_from(init_from, {"vision": self.vision})
-        if freeze_vision:
-            self.freeze(self.vision)
+        freeze_tower(self.vision, freeze_vision, unfrozen_vision_groups, "model.freeze_vision")
         self.decoder = TEXT_DECODERS.build(decoder, "model.decoder")
         self.bridge = nn.Sequential(nn.Linear(self.vision.token_dim, self.decoder.hidden_size),
                                     nn.LayerNorm(self.decoder.hidden_size))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.encoders.weights import freeze_tower
 from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
 from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
 from mmlightning.tasks.base import DataSpec, TaskModule
@@ -25,10 +26,14 @@ MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 class CLIPTask(TaskModule):
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], loss: dict[str, Any], optimizer: dict[str, Any],
                  scheduler: dict[str, Any] | None = None, embed_dim: int = 256,
-                 projection: dict[str, Any] | None = None) -> None:
+                 projection: dict[str, Any] | None = None, freeze_vision: bool = False,
+                 unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0) -> None:
         super().__init__(optimizer, scheduler)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.text = TEXT_ENCODERS.build(text, "model.text")
+        # LiT ("locked-image tuning") freezes the image tower; unfrozen groups leave its last layers trainable
+        freeze_tower(self.vision, freeze_vision, unfrozen_vision_groups, "model.freeze_vision")
+        freeze_tower(self.text, freeze_text, unfrozen_text_groups, "model.freeze_text")
         projection = projection or {"name": "linear"}
         self.vision_proj = PROJECTIONS.build(projection, "model.projection", in_dim=self.vision.output_dim, out_dim=embed_dim)
         self.text_proj = PROJECTIONS.build(projection, "model.projection", in_dim=self.text.output_dim, out_dim=embed_dim)

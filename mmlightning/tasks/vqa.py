@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mmlightning.metrics import VQAAccuracy
+from mmlightning.encoders.weights import freeze_tower
 from mmlightning.registry import FUSION_HEADS, LOSSES, TASKS, TEXT_ENCODERS, VISION_ENCODERS, ConfigError
 from mmlightning.tasks.base import DataSpec, TaskModule
 
@@ -33,16 +34,14 @@ class VQATask(TaskModule):
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], fusion: dict[str, Any], loss: dict[str, Any],
                  optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None, classifier_hidden: int = 512,
                  dropout: float = 0.1, init_from: str | None = None, freeze_vision: bool = False,
-                 freeze_text: bool = False) -> None:
+                 unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0) -> None:
         super().__init__(optimizer, scheduler)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.text = TEXT_ENCODERS.build(text, "model.text")
         if init_from:
             self.init_towers_from(init_from, {"vision": self.vision, "text": self.text})
-        if freeze_vision:
-            self.freeze(self.vision)
-        if freeze_text:
-            self.freeze(self.text)
+        freeze_tower(self.vision, freeze_vision, unfrozen_vision_groups, "model.freeze_vision")
+        freeze_tower(self.text, freeze_text, unfrozen_text_groups, "model.freeze_text")
         widths = {"vision_dim": self.vision.output_dim, "vision_token_dim": self.vision.token_dim,
                   "text_dim": self.text.output_dim, "text_token_dim": self.text.token_dim}
         FUSION_HEADS.check(fusion, "model.fusion")
