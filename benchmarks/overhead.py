@@ -8,14 +8,16 @@ optimizer, measured side by side in one process.
 
 Each step interval (start of one batch to the start of the next) includes data loading,
 logging and the optimizer step, so both sides pay for everything a real run pays for.
-Prints the median over steps after warm-up, the median over repeats, and the ratio.
+Every measurement runs in a fresh process (sides interleaved across repeats). Prints the
+median over steps after warm-up, the median over repeats, the ratio, and peak memory: the
+process's peak resident memory once training ran, and how much training added to what
+building the model and data had already taken.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -24,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from harness import StepTimer, isolated, machine_line, median_after, peak_rss_mib  # noqa: E402
 from mmlightning.build import build_datamodule, build_task  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS  # noqa: E402
@@ -37,14 +40,6 @@ CONFIGS = {
 }
 
 
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self.starts.append(time.perf_counter())
-
-
 def build(config: str, seed: int = 0):
     cfg = resolve(load_recipe("clip-shapes", [*CONFIGS[config], "logger.name=none", "trainer.precision=32-true"]))
     torch.manual_seed(seed)
@@ -54,17 +49,21 @@ def build(config: str, seed: int = 0):
     return cfg, task, datamodule
 
 
-def lightning_step_times(config: str, steps: int) -> list[float]:
+Measurement = tuple[float, float, float]  # median s/step, peak RSS MiB, MiB added by training
+
+
+def lightning_step_times(config: str, steps: int, warmup: int) -> Measurement:
     cfg, task, datamodule = build(config)
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
                         devices=1, precision="32-true", log_every_n_steps=cfg["trainer"]["log_every_n_steps"])
     trainer.fit(task, train_dataloaders=datamodule.train_dataloader())
-    return [b - a for a, b in zip(timer.starts, timer.starts[1:])]
+    peak = peak_rss_mib()
+    return median_after(timer.intervals, warmup), peak, peak - timer.rss_before_first_step
 
 
-def plain_step_times(config: str, steps: int) -> list[float]:
+def plain_step_times(config: str, steps: int, warmup: int) -> Measurement:
     """The loop a researcher writes by hand: same model, data, optimizer and schedule."""
     _, task, datamodule = build(config)
     optimizer = OPTIMIZERS.build(task.optimizer_spec, "optimizer", params=task.parameter_groups())
@@ -72,6 +71,7 @@ def plain_step_times(config: str, steps: int) -> list[float]:
     task.train()
     starts: list[float] = []
     step = 0
+    rss_before_first_step = peak_rss_mib()
     while step < steps:
         for batch in datamodule.train_dataloader():
             starts.append(time.perf_counter())
@@ -85,7 +85,8 @@ def plain_step_times(config: str, steps: int) -> list[float]:
             step += 1
             if step >= steps:
                 break
-    return [b - a for a, b in zip(starts, starts[1:])]
+    peak = peak_rss_mib()
+    return median_after([b - a for a, b in zip(starts, starts[1:])], warmup), peak, peak - rss_before_first_step
 
 
 def main() -> None:
@@ -95,17 +96,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"plain": [], "mmlightning": []}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        results["plain"].append(statistics.median(plain_step_times(args.config, args.steps)[args.warmup:]))
-        results["mmlightning"].append(statistics.median(lightning_step_times(args.config, args.steps)[args.warmup:]))
-    plain, ours = statistics.median(results["plain"]), statistics.median(results["mmlightning"])
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"config: {args.config}, {args.steps} steps x {args.repeats} repeats, median after {args.warmup} warm-up steps")
-    print(f"hand-written loop   {plain * 1e3:8.1f} ms/step   (repeats: {', '.join(f'{t * 1e3:.1f}' for t in results['plain'])})")
-    print(f"mmlightning         {ours * 1e3:8.1f} ms/step   (repeats: {', '.join(f'{t * 1e3:.1f}' for t in results['mmlightning'])})")
-    print(f"overhead ratio      {ours / plain:8.3f}")
+    sides = {"hand-written loop": plain_step_times, "mmlightning": lightning_step_times}
+    results: dict[str, list[Measurement]] = {name: [] for name in sides}
+    for repeat in range(args.repeats):  # interleaved, order alternating: drift in machine load hits both alike
+        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            results[name].append(isolated(sides[name], args.config, args.steps, args.warmup))
+    print(machine_line())
+    print(f"config: {args.config}, {args.steps} steps x {args.repeats} repeats, median after {args.warmup} warm-up "
+          f"steps, fp32, one process per measurement")
+    medians = {}
+    for name, runs in results.items():
+        medians[name] = statistics.median(r[0] for r in runs)
+        peak, added = max(r[1] for r in runs), max(r[2] for r in runs)
+        print(f"{name:<19} {medians[name] * 1e3:8.1f} ms/step   (repeats: {', '.join(f'{r[0] * 1e3:.1f}' for r in runs)})"
+              f"   peak RSS {peak:7.0f} MiB, training added {added:6.0f} MiB")
+    print(f"overhead ratio      {medians['mmlightning'] / medians['hand-written loop']:8.3f}")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,10 @@ def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, betas: 
 
 @OPTIMIZERS.register("sgd")
 def sgd(params: Iterable, lr: float = 0.1, weight_decay: float = 0.0, momentum: float = 0.9,
-        nesterov: bool = False) -> torch.optim.Optimizer:
+        nesterov: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
     _check_lr(lr, weight_decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                           fused=fused)
 
 
 def _warmup(step: int, warmup_steps: int) -> float:

@@ -1,0 +1,68 @@
+"""What every benchmark here shares: a fresh process per measurement, peak memory, the
+machine line, and the step timer for Lightning runs.
+
+Each measurement runs in its own spawned process so that one side's allocations, warm
+caches or thread pools cannot bias the other, and so that the peak-memory high-water mark
+belongs to that measurement alone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+
+def isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a freshly spawned Python process; returns its (picklable) result."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib(device: torch.device | str = "cpu") -> float:
+    """Peak memory of a measured phase: CUDA's allocator peak on GPU, process RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
+
+
+def machine_line() -> str:
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+def median_after(times: list[float], warmup: int) -> float:
+    if len(times) <= warmup:
+        raise ValueError(f"need more than {warmup} timed steps, got {len(times)}: raise --steps")
+    return statistics.median(times[warmup:])
+
+
+class StepTimer(L.Callback):
+    """Start of one training batch to the start of the next: data, forward, backward,
+    optimizer and logging all fall inside an interval."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.rss_before_first_step = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if not self.starts:
+            self.rss_before_first_step = peak_rss_mib()
+        self.starts.append(time.perf_counter())
+
+    @property
+    def intervals(self) -> list[float]:
+        return [b - a for a, b in zip(self.starts, self.starts[1:])]
