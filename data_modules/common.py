@@ -13,6 +13,7 @@ image as found through any of them:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.registry import ConfigError
@@ -56,6 +57,45 @@ def string_ids(strings: list[str]) -> torch.Tensor:
 def already_batched(batch: Any) -> Any:
     """collate_fn for datasets that build whole batches in ``__getitems__``."""
     return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled from ``seed`` and the epoch, each rank its share) that
+    can start an epoch part-way: after a mid-epoch resume it skips the samples the
+    interrupted run had already trained on, in the same order. A DistributedSampler even on
+    one process, so that Lightning keeps it instead of swapping in its own under DDP."""
+
+    def __init__(self, dataset: Dataset, seed: int, drop_last: bool) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # a new epoch starts from its beginning
+        super().set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader Lightning treats as stateful: ``state_dict()`` goes into every
+    checkpoint and ``load_state_dict()`` runs before the resumed epoch starts. The position
+    is the fit loop's count of finished batches, not the batches this loader handed out:
+    Lightning fetches one batch ahead."""
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip = state["batches_done"] * self.batch_size
 
 
 SPLITS_FOR_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -96,7 +136,25 @@ class SplitDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        """Shuffled per epoch from the run's seed, split across ranks, and resumable mid-epoch:
+        Lightning saves its position in checkpoints (see ``ResumableLoader``)."""
+        sampler = ResumableSampler(self.datasets["train"], seed=self.shuffle_seed, drop_last=self.drop_last_train)
+        return ResumableLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
+                               drop_last=self.drop_last_train, collate_fn=self.collate_fn("train"),
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                               batches_done=self._batches_done_this_epoch)
+
+    shuffle_seed = 0  # build_datamodule sets the run's seed
+
+    def train_batches_per_rank(self) -> int:
+        """Batches of one training epoch on this rank, without building a loader."""
+        per_rank = len(ResumableSampler(self.datasets["train"], seed=0, drop_last=self.drop_last_train))
+        return per_rank // self.batch_size if self.drop_last_train else math.ceil(per_rank / self.batch_size)
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches the fit loop has finished in this epoch (0 outside fit)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
+from mmlightning.fault_tolerance import AtomicCheckpointIO, CarryRNGState, StopOnSignal
 from mmlightning.registry import DATA_MODULES, TASKS, ConfigError, check_kwargs
 
 
@@ -71,6 +72,7 @@ def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
     """The data module follows the task's tokenizer and image settings; then the task sizes
     whatever depends on the data (``bind_data``)."""
     datamodule = DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs())
+    datamodule.shuffle_seed = int(cfg.get("seed", 0))  # the training order follows the run's seed alone
     task.bind_data(datamodule)
     return datamodule
 
@@ -167,18 +169,28 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
         # gradients, which plain DDP treats as an error
         trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50)]
+    callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState()]
+    plugins: list[Any] = []
+    if not str(trainer_kwargs.get("strategy", "auto")).startswith(("fsdp", "deepspeed")):  # those save shards their own way
+        plugins.append(AtomicCheckpointIO())
     loggers: list[Any] = []
     if run_dir is not None:
+        callbacks.append(StopOnSignal(run_dir / "checkpoints" / "last.ckpt"))
         loggers = build_loggers(cfg, run_dir, wandb_id)
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if enable_checkpointing:
             ckpt = dict(cfg.get("checkpoint") or {})
             check_kwargs(ModelCheckpoint.__init__, ckpt, "checkpoint")
-            callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
-                                             filename="best-{step}", **ckpt))
+            ckpt.pop("save_last", None)
+            folder = str(run_dir / "checkpoints")
+            callbacks.append(ModelCheckpoint(dirpath=folder, filename="best-{step}", **ckpt))  # trainer.checkpoint_callback
+            # last.ckpt after every validation (or epoch): ModelCheckpoint(save_last=True) only
+            # refreshes it when a best checkpoint is written, so a run whose metric stopped
+            # improving would resume from an old epoch
+            callbacks.append(ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                                             enable_version_counter=False))
     return L.Trainer(
-        default_root_dir=str(run_dir) if run_dir else None, callbacks=callbacks, logger=loggers or False,
+        default_root_dir=str(run_dir) if run_dir else None, callbacks=callbacks, logger=loggers or False, plugins=plugins,
         enable_checkpointing=enable_checkpointing and run_dir is not None, **trainer_kwargs,
     )

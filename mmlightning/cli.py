@@ -145,6 +145,7 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     import lightning as L
 
     from mmlightning.build import build_datamodule, build_task, build_trainer
+    from mmlightning.fault_tolerance import Interrupted
     from mmlightning.summary import print_summary
 
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -158,6 +159,10 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
         results = trainer.test(task, datamodule=datamodule, ckpt_path=best, verbose=False)
+    except Interrupted as stop:
+        print(f"{stop}; continue with `mml fit {cfg['recipe']} --resume {run_dir}`", file=sys.stderr)
+        finish_loggers(trainer, "failed")
+        return stop.exit_code
     except BaseException:
         finish_loggers(trainer, "failed")
         raise

@@ -65,10 +65,19 @@ def find_latest_run(root: str | Path, recipe: str) -> Path:
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: {last} does not exist.")
-    return last
+    """The run's newest readable checkpoint (normally ``last.ckpt``); a truncated or corrupt
+    newer one is skipped with a warning."""
+    from mmlightning.fault_tolerance import newest_readable
+
+    folder = run_dir / "checkpoints"
+    candidates = list(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not candidates:
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: no checkpoint in {folder}.")
+    chosen = newest_readable(candidates)
+    if chosen is None:
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: none of its checkpoints is readable "
+                          f"({', '.join(sorted(p.name for p in candidates))}).")
+    return chosen
 
 
 def eval_checkpoint(path: str | Path) -> Path:

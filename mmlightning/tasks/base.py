@@ -4,6 +4,8 @@ pretrain-then-finetune (``init_from`` a CLIP checkpoint, freezing a tower)."""
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,9 +100,30 @@ class TaskModule(L.LightningModule):
         optimizer = OPTIMIZERS.build(spec, "optimizer", params=self.parameter_groups())
         if not self.scheduler_spec:
             return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer, total_steps=total_steps)
+        scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer,
+                                     total_steps=self.total_training_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_training_steps(self) -> int:
+        """Optimizer steps this fit will take, as Lightning's ``estimated_stepping_batches``
+        counts them but from the data module's size: asking Lightning builds the training
+        loader early, which drops a resumed loader's mid-epoch position (Lightning #20550)."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "train_batches_per_rank"):  # loaders passed to fit() directly
+            return int(trainer.estimated_stepping_batches)
+        if trainer.max_epochs in (None, -1):
+            if trainer.max_steps in (None, -1):
+                raise ConfigError("trainer.max_epochs=-1 needs trainer.max_steps: the schedule needs a length.")
+            return trainer.max_steps
+        batches = datamodule.train_batches_per_rank()
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None:
+            batches = int(batches * limit)
+        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps not in (None, -1) else steps
 
     # ------------------------------------------------------------------ evaluation
     # Validation and test run the same code on different splits: a task implements

@@ -1,0 +1,155 @@
+"""Runs that survive: signals, exact mid-epoch resume, atomic and unreadable checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tiny import SHAPES_CLIP
+from wandb_offline import find_run_files, read_run
+
+from mmlightning.build import build_datamodule, build_task, build_trainer
+from mmlightning.cli import main
+from mmlightning.config import load_recipe, resolve
+from mmlightning.fault_tolerance import AtomicCheckpointIO, readable_checkpoint
+
+# 512 images / 32 per batch = 16 steps an epoch; 2 epochs with warm-up + cosine
+RESUMABLE = [*SHAPES_CLIP, "data.num_train=512", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
+             "scheduler.warmup_steps=4", "logger.name=wandb", "imports=[signalling.py]",
+             "model.vision.name=signalling_cnn"]
+
+SIGNALLING_CNN = '''
+import os, signal
+from mmlightning.encoders.vision import SmallCNN
+from mmlightning.registry import VISION_ENCODERS
+
+SIGNAL_AT = int(os.environ.get("SIGNAL_AT_FORWARD", "0"))
+
+@VISION_ENCODERS.register("signalling_cnn")
+class SignallingCNN(SmallCNN):
+    """The shapes CNN, which sends its own process a signal on its N-th training forward."""
+    forwards = 0
+
+    def forward(self, images):
+        if self.training:
+            SignallingCNN.forwards += 1
+            if SignallingCNN.forwards == SIGNAL_AT:
+                os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+        return super().forward(images)
+'''
+
+
+def mml(cwd: Path, *args: str, signal_at: int = 0, signal_name: str = "SIGTERM") -> subprocess.CompletedProcess:
+    env = {**os.environ, "SIGNAL_AT_FORWARD": str(signal_at), "SIGNAL": signal_name, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "mmlightning.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    losses: dict[int, float] = {}
+    for path in find_run_files(run_dir / "wandb"):
+        for row in read_run(path).history:
+            if "train/loss" in row:
+                step = int(row["trainer/global_step"])
+                assert step not in losses, f"step {step} trained twice"
+                losses[step] = row["train/loss"]
+    return losses
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 32  # last.ckpt is the end of training, improved metric or not
+    return checkpoint["state_dict"]
+
+
+@pytest.mark.slow
+def test_signals_then_resume_reproduce_the_uninterrupted_run(tmp_path: Path) -> None:
+    (tmp_path / "signalling.py").write_text(SIGNALLING_CNN)
+    reference = mml(tmp_path, "fit", "clip-shapes", *RESUMABLE, "run.name=straight")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run = tmp_path / "runs" / "cut"
+    first = mml(tmp_path, "fit", "clip-shapes", *RESUMABLE, "run.name=cut", signal_at=5)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert "stopped by SIGTERM" in first.stderr and "--resume runs/cut" in first.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
+    # a second interruption in the same epoch, by Ctrl-C this time
+    second = mml(tmp_path, "fit", "clip-shapes", "--resume", str(run), signal_at=4, signal_name="SIGINT")
+    assert second.returncode == 130, second.stderr[-3000:]
+    third = mml(tmp_path, "fit", "clip-shapes", "--resume", str(run))
+    assert third.returncode == 0, third.stderr[-3000:]
+
+    straight, cut = losses_by_step(tmp_path / "runs" / "straight"), losses_by_step(run)
+    assert sorted(cut) == sorted(straight) == list(range(32))
+    assert cut == straight  # same batches in the same order, same schedule, same numbers
+    expected = final_weights(tmp_path / "runs" / "straight")
+    for name, value in final_weights(run).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_schedule_length_matches_lightning_without_asking_it(tmp_path: Path) -> None:
+    """The task sizes its cosine schedule from the data module, not from
+    ``trainer.estimated_stepping_batches`` (which drops a resumed loader's position)."""
+    seen = []
+
+    class Compare(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+            seen.append((task.total_training_steps(), trainer.estimated_stepping_batches))
+            trainer.should_stop = True
+
+    for extra in (["trainer.max_epochs=3"], ["trainer.max_epochs=3", "trainer.accumulate_grad_batches=3"],
+                  ["trainer.max_epochs=2", "trainer.limit_train_batches=5"],
+                  ["trainer.max_epochs=2", "trainer.limit_train_batches=0.5"],
+                  ["trainer.max_epochs=5", "trainer.max_steps=7"], ["trainer.max_epochs=-1", "trainer.max_steps=9"]):
+        cfg = resolve(load_recipe("clip-shapes", [*SHAPES_CLIP, "data.num_train=300", "logger.name=none", *extra]))
+        task = build_task(cfg)
+        datamodule = build_datamodule(cfg, task)
+        trainer = build_trainer(cfg, None, task=task)
+        trainer.callbacks.append(Compare())
+        trainer.fit(task, datamodule=datamodule)
+    assert [ours for ours, _ in seen] == [int(lightning) for _, lightning in seen]
+    assert [ours for ours, _ in seen] == [27, 9, 10, 8, 7, 9]
+
+
+def test_truncated_newest_checkpoint_is_skipped_on_resume(tmp_path: Path) -> None:
+    base = ["fit", "clip-shapes", *SHAPES_CLIP, "logger.name=none", "run.name=r"]
+    assert main(base) == 0  # one epoch of 8 steps: best-step=8.ckpt and last.ckpt
+    checkpoints = tmp_path / "runs" / "r" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a disk that filled up mid-write
+    os.utime(last, (time.time() + 10, time.time() + 10))
+    assert not readable_checkpoint(last) and readable_checkpoint(checkpoints / "best-step=8.ckpt")
+    with pytest.warns(UserWarning, match=r"skipping .*last.ckpt: not a readable checkpoint"):
+        assert main(["fit", "clip-shapes", "--resume", str(tmp_path / "runs" / "r"), "trainer.max_epochs=2"]) == 0
+    assert json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())["global_step"] == 16
+
+
+KILLED_SAVE = '''
+import sys, torch
+from mmlightning.fault_tolerance import AtomicCheckpointIO
+AtomicCheckpointIO().save_checkpoint({"weights": torch.zeros(400_000_000, dtype=torch.uint8)}, sys.argv[1])
+'''
+
+
+@pytest.mark.slow
+def test_killed_save_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    before = target.read_bytes()
+    saver = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target)])
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".last.ckpt.partial-") and p.stat().st_size > 0 for p in target.parent.iterdir()):
+        assert time.time() < deadline and saver.poll() is None, "the save finished before it could be killed"
+        time.sleep(0.01)
+    saver.send_signal(signal.SIGKILL)
+    saver.wait()
+    assert target.read_bytes() == before and readable_checkpoint(target)
+    assert [p.name for p in target.parent.glob("*.ckpt")] == ["last.ckpt"]  # resume never sees the partial file
