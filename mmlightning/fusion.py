@@ -46,16 +46,25 @@ class QuestionReader(nn.Module):
         if question_dim % 2:
             raise ConfigError(f"question_dim must be even (two GRU directions), got {question_dim}")
         self.output_dim = question_dim
-        self.gru = nn.GRU(text_token_dim, question_dim // 2, batch_first=True, bidirectional=True)
+        self.forward_gru = nn.GRU(text_token_dim, question_dim // 2, batch_first=True)
+        self.backward_gru = nn.GRU(text_token_dim, question_dim // 2, batch_first=True)
 
     def forward(self, text: TextOutput) -> torch.Tensor:
-        lengths = text.mask.sum(dim=1).clamp(min=1).cpu()
+        # The final state of each direction over each question's own words. Instead of packing
+        # (which needs the lengths on the CPU: a host sync per step), the backward direction
+        # reads every question reversed within its length, and both read their output at the
+        # last word; padding comes after the words, so it never reaches those outputs.
+        lengths = text.mask.sum(dim=1).clamp(min=1)  # (B,)
+        positions = torch.arange(text.tokens.shape[1], device=lengths.device)
+        reverse = (lengths[:, None] - 1 - positions).clamp(min=0)  # (B, T): word t <- word len-1-t
+        last = (lengths - 1)[:, None, None].expand(-1, 1, self.forward_gru.hidden_size)
         # fp32 whatever the autocast: cuDNN's RNN autocast casts to fp16 even under bf16-mixed
         with torch.autocast(text.tokens.device.type, enabled=False):
-            packed = nn.utils.rnn.pack_padded_sequence(text.tokens.float(), lengths, batch_first=True,
-                                                       enforce_sorted=False)
-            _, last = self.gru(packed)  # (2, B, question_dim / 2): the final state of each direction
-        return torch.cat([last[0], last[1]], dim=-1)
+            tokens = text.tokens.float()
+            backwards = tokens.gather(1, reverse[:, :, None].expand_as(tokens))
+            forward_states, _ = self.forward_gru(tokens)
+            backward_states, _ = self.backward_gru(backwards)
+        return torch.cat([forward_states.gather(1, last), backward_states.gather(1, last)], dim=-1).squeeze(1)
 
 
 @FUSION_HEADS.register("concat")

@@ -12,7 +12,10 @@ N*B x N*B. Logits and losses are computed in fp32 whatever the autocast precisio
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +36,20 @@ def world_info() -> tuple[int, int]:
 def at_least_fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """bf16/fp16 features are upcast: softmax over thousands of logits needs fp32."""
     return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
+def outside_autocast(forward: Callable) -> Callable:
+    """Run a loss's forward with autocast off. Upcasting the features is not enough: under
+    bf16/fp16 autocast a matmul of fp32 tensors still returns half precision, and the logits,
+    their softmax and the loss must stay fp32."""
+
+    @functools.wraps(forward)
+    def fp32_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        device = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return forward(self, *args, **kwargs)
+
+    return fp32_forward
 
 
 def gather_features(features: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
@@ -72,6 +89,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.local_loss, self.gather_with_grad, self.caption_positives = local_loss, gather_with_grad, caption_positives
 
+    @outside_autocast
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 caption_ids: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         image_features, text_features, logit_scale = at_least_fp32(image_features, text_features, logit_scale)
@@ -110,6 +128,7 @@ class SigLipLoss(nn.Module):
         super().__init__()
         self.gather_with_grad, self.caption_positives = gather_with_grad, caption_positives
 
+    @outside_autocast
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 caption_ids: torch.Tensor | None = None, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
         if logit_bias is None:
@@ -153,10 +172,11 @@ class SoftCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = at_least_fp32(logits, target)
         total = target.sum(dim=1, keepdim=True)
-        keep = total.squeeze(1) > 0
-        if not keep.any():  # no question in this batch has an answer the classifier can give
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits[keep], target[keep] / total[keep], label_smoothing=self.label_smoothing)
+        keep = (total.squeeze(1) > 0).float()
+        # masked mean rather than boolean indexing: no host sync to learn how many rows remain
+        per_question = F.cross_entropy(logits, target / total.clamp(min=1e-12), reduction="none",
+                                       label_smoothing=self.label_smoothing)
+        return (per_question * keep).sum() / keep.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------- captioning

@@ -126,3 +126,23 @@ def test_soft_bce_and_cross_entropy_are_the_textbook_losses() -> None:
     rows = [0, 1, 3]
     manual = -(soft[rows] / soft[rows].sum(1, keepdim=True) * F.log_softmax(logits[rows], 1)).sum(1).mean()
     assert torch.allclose(kept, manual, atol=1e-6)
+
+
+def test_question_reader_equals_a_packed_bidirectional_gru() -> None:
+    """The sync-free reader gives the final states a packed bidirectional GRU gives."""
+    from mmlightning.encoders.outputs import TextOutput
+    from mmlightning.fusion import QuestionReader
+
+    torch.manual_seed(0)
+    reader = QuestionReader(text_token_dim=8, question_dim=12)
+    reference = torch.nn.GRU(8, 6, batch_first=True, bidirectional=True)
+    for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+        getattr(reference, name).data.copy_(getattr(reader.forward_gru, name))
+        getattr(reference, name + "_reverse").data.copy_(getattr(reader.backward_gru, name))
+    lengths = torch.tensor([5, 2, 7, 1])
+    mask = torch.arange(7)[None] < lengths[:, None]
+    tokens = torch.randn(4, 7, 8) * mask[..., None] + 3.0 * ~mask[..., None]  # padding that would show if read
+    packed = torch.nn.utils.rnn.pack_padded_sequence(tokens, lengths, batch_first=True, enforce_sorted=False)
+    _, last = reference(packed)
+    expected = torch.cat([last[0], last[1]], dim=-1)
+    torch.testing.assert_close(reader(TextOutput(pooled=tokens[:, 0], tokens=tokens, mask=mask)), expected)
