@@ -141,3 +141,35 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path: Path) -> None:
     for rank in ranks:
         ref, ours = rank["open_clip_rank_loss"]
         assert ours == pytest.approx(ref, abs=1e-6)
+
+
+def test_bf16_mixed_training_keeps_logits_and_loss_fp32(monkeypatch) -> None:
+    """A real bf16-mixed Lightning step on CPU: the towers run in bf16, the logits and the
+    loss in fp32 (autocast would otherwise return the logit matmul in bf16)."""
+    import lightning as L
+    from tiny import SHAPES_CLIP
+
+    from mmlightning.build import build_datamodule, build_task, build_trainer
+    from mmlightning.config import load_recipe, resolve
+
+    seen: dict[str, set] = {"logits": set(), "features": set(), "loss": set()}
+    log_softmax = F.log_softmax
+
+    def recording_log_softmax(logits, *args, **kwargs):
+        seen["logits"].add(logits.dtype)
+        return log_softmax(logits, *args, **kwargs)
+
+    monkeypatch.setattr(F, "log_softmax", recording_log_softmax)  # clip-shapes: caption_positives path
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx):
+            seen["loss"].add(outputs["loss"].dtype)
+
+    cfg = resolve(load_recipe("clip-shapes", [*SHAPES_CLIP, "trainer.precision=bf16-mixed", "trainer.max_steps=2",
+                                              "logger.name=none"]))
+    task = build_task(cfg)
+    task.vision.register_forward_hook(lambda module, args, out: seen["features"].add(out.pooled.dtype))
+    trainer = build_trainer(cfg, None, task=task)
+    trainer.callbacks.append(Record())
+    trainer.fit(task, datamodule=build_datamodule(cfg, task))
+    assert seen == {"logits": {torch.float32}, "features": {torch.bfloat16}, "loss": {torch.float32}}
