@@ -169,6 +169,17 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
         # gradients, which plain DDP treats as an error
         trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
+    if getattr(task, "accumulate_batches", 1) > 1:
+        if (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1:
+            raise ConfigError("set model.accumulate_batches or trainer.accumulate_grad_batches, not both: the "
+                              "task accumulates itself, keeping every batch's negatives.")
+        # the task steps its optimizer itself; Lightning does not clip gradients for it
+        task.clip_gradient_value = trainer_kwargs.pop("gradient_clip_val", None)
+    elif (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1 and getattr(task, "accumulate_batches", None) == 1 \
+            and hasattr(task, "accumulating_step"):
+        raise ConfigError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
+                          "negatives than the accumulated batch). Use model.accumulate_batches instead: the same "
+                          "loss and gradients as one batch that many times larger.")
     callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState()]
     plugins: list[Any] = []
     if not str(trainer_kwargs.get("strategy", "auto")).startswith(("fsdp", "deepspeed")):  # those save shards their own way

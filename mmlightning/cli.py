@@ -109,7 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     task.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer here, by design
-        loss = task.training_step(batch, 0)
+        loss = task.batch_loss(batch)
     n_params = sum(p.numel() for p in task.parameters())
     print(f"ok: {cfg['recipe']} builds; {n_params / 1e6:.2f}M parameters; "
           f"one batch of {len(batch['image'])} -> loss {float(loss):.4f}")

@@ -64,7 +64,9 @@ the next hook (after Lightning has logged the step).
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if getattr(pl_module, "mid_accumulation", False):
+            return  # wait for the optimizer step: cached batches are not in any checkpoint
         stop = self.received is not None
         if trainer.world_size > 1:
             if (trainer.global_step % max(1, trainer.log_every_n_steps)) != 0:

@@ -32,6 +32,9 @@ class DataSpec:
 
 
 class TaskModule(L.LightningModule):
+    accumulate_batches = 1  # > 1: the task accumulates batches itself (manual optimization)
+    clip_gradient_value: float | None = None  # set by build_trainer when the task optimizes manually
+
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
         OPTIMIZERS.check(optimizer, "optimizer")
@@ -95,7 +98,8 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         spec = dict(self.optimizer_spec)
-        if spec.get("name") == "adamw" and spec.get("fused") is None and self.trainer.gradient_clip_val:
+        if spec.get("name") == "adamw" and spec.get("fused") is None and (self.trainer.gradient_clip_val
+                                                                         or self.clip_gradient_value):
             spec["fused"] = False  # Lightning's mixed-precision plugin will not clip a fused optimizer's gradients
         optimizer = OPTIMIZERS.build(spec, "optimizer", params=self.parameter_groups())
         if not self.scheduler_spec:
@@ -103,6 +107,10 @@ class TaskModule(L.LightningModule):
         scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer,
                                      total_steps=self.total_training_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def batch_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of one batch, outside any Trainer (``mml check``)."""
+        return self.training_step(batch, 0)
 
     def total_training_steps(self) -> int:
         """Optimizer steps this fit will take, as Lightning's ``estimated_stepping_batches``
@@ -122,7 +130,11 @@ class TaskModule(L.LightningModule):
             batches = min(batches, limit)
         elif limit is not None:
             batches = int(batches * limit)
-        steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(trainer.max_epochs, 1)
+        if self.accumulate_batches > 1:  # the task accumulates itself and drops a short last group
+            steps_per_epoch = batches // self.accumulate_batches
+        else:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        steps = steps_per_epoch * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps not in (None, -1) else steps
 
     # ------------------------------------------------------------------ evaluation

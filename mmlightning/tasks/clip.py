@@ -16,7 +16,7 @@ from torch import nn
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
-from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
+from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS, ConfigError
 from mmlightning.tasks.base import DataSpec, TaskModule
 
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
@@ -27,8 +27,15 @@ class CLIPTask(TaskModule):
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], loss: dict[str, Any], optimizer: dict[str, Any],
                  scheduler: dict[str, Any] | None = None, embed_dim: int = 256,
                  projection: dict[str, Any] | None = None, freeze_vision: bool = False,
-                 unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0) -> None:
+                 unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0,
+                 accumulate_batches: int = 1) -> None:
         super().__init__(optimizer, scheduler)
+        if accumulate_batches < 1:
+            raise ConfigError(f"model.accumulate_batches must be >= 1, got {accumulate_batches}.")
+        # k batches per optimizer step with negatives across all of them (see accumulating_step)
+        self.accumulate_batches = accumulate_batches
+        self.automatic_optimization = accumulate_batches == 1
+        self._cached: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.text = TEXT_ENCODERS.build(text, "model.text")
         # LiT ("locked-image tuning") freezes the image tower; unfrozen groups leave its last layers trainable
@@ -57,14 +64,72 @@ class CLIPTask(TaskModule):
     def temperature_scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The contrastive loss of one batch, its own negatives only."""
         image = self.encode_image(batch["image"])
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
-        scale = self.temperature_scale()
-        loss = self.loss_fn(image, text, scale, caption_ids=batch.get("caption_id"), logit_bias=self.logit_bias)
+        return self.loss_fn(image, text, self.temperature_scale(), caption_ids=batch.get("caption_id"),
+                            logit_bias=self.logit_bias)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if self.accumulate_batches > 1:
+            return self.accumulating_step(batch)
+        loss = self.batch_loss(batch)
         self.log("train/loss", loss)
-        self.log("train/logit_scale", scale)
+        self.log("train/logit_scale", self.temperature_scale())
         return loss
+
+    @property
+    def mid_accumulation(self) -> bool:
+        """Batches wait in the cache: a checkpoint now would lose them (StopOnSignal waits)."""
+        return bool(self._cached)
+
+    def accumulating_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Contrastive accumulation that keeps the negatives (open_clip's ``--accum-freq``,
+        GradCache): embed each of k batches without gradients and cache the features; at the
+        k-th, embed each batch again with gradients and take the loss over all k batches'
+        features, its own live and the others cached. The k backward passes sum to the
+        gradient of one k-times larger batch (the temperature's counted once), where plain
+        gradient accumulation would score each batch only against itself. Each re-embedding
+        replays its batch's RNG state, so dropout draws the same masks twice. BatchNorm layers
+        still see one batch at a time."""
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            features = (self.encode_image(batch["image"]), self.encode_text(batch["input_ids"], batch["attention_mask"]))
+        self._cached.append((batch, rng, *features))
+        if len(self._cached) < self.accumulate_batches:
+            return None
+        cached, self._cached = self._cached, []
+        resume_rng = torch.get_rng_state()
+        images, texts = [c[2] for c in cached], [c[3] for c in cached]
+        caption_ids = (torch.cat([c[0]["caption_id"] for c in cached]) if "caption_id" in cached[0][0] else None)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        scale = self.temperature_scale()
+        for j, (micro, state, _, _) in enumerate(cached):
+            torch.set_rng_state(state)
+            image = self.encode_image(micro["image"])
+            text = self.encode_text(micro["input_ids"], micro["attention_mask"])
+            first = j == 0  # the temperature and bias take their gradient from one pass only
+            loss = self.loss_fn(torch.cat([*images[:j], image, *images[j + 1:]]),
+                                torch.cat([*texts[:j], text, *texts[j + 1:]]),
+                                scale if first else scale.detach(), caption_ids=caption_ids,
+                                logit_bias=None if self.logit_bias is None else
+                                (self.logit_bias if first else self.logit_bias.detach()))
+            self.manual_backward(loss)
+        torch.set_rng_state(resume_rng)
+        if self.clip_gradient_value:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_gradient_value, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.log("train/loss", loss.detach())
+        self.log("train/logit_scale", scale.detach())
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self._cached = []  # an epoch's last batches that do not fill a group are dropped, as drop_last
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
