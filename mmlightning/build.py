@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
-from mmlightning.fault_tolerance import AtomicCheckpointIO, CarryRNGState, StopOnSignal
+from mmlightning.fault_tolerance import AtomicCheckpointIO, CarryRNGState, NonFiniteGuard, StopOnSignal
 from mmlightning.registry import DATA_MODULES, TASKS, ConfigError, check_kwargs
 
 
@@ -180,7 +180,8 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
         raise ConfigError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
                           "negatives than the accumulated batch). Use model.accumulate_batches instead: the same "
                           "loss and gradients as one batch that many times larger.")
-    callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState()]
+    callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
+                            NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop")]
     plugins: list[Any] = []
     if not str(trainer_kwargs.get("strategy", "auto")).startswith(("fsdp", "deepspeed")):  # those save shards their own way
         plugins.append(AtomicCheckpointIO())

@@ -145,7 +145,7 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     import lightning as L
 
     from mmlightning.build import build_datamodule, build_task, build_trainer
-    from mmlightning.fault_tolerance import Interrupted
+    from mmlightning.fault_tolerance import Interrupted, NonFiniteLoss
     from mmlightning.summary import print_summary
 
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -163,6 +163,10 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
         print(f"{stop}; continue with `mml fit {cfg['recipe']} --resume {run_dir}`", file=sys.stderr)
         finish_loggers(trainer, "failed")
         return stop.exit_code
+    except NonFiniteLoss as err:
+        print(f"mml fit: stopped: {err}", file=sys.stderr)
+        finish_loggers(trainer, "failed")
+        return 1
     except BaseException:
         finish_loggers(trainer, "failed")
         raise

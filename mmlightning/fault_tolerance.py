@@ -156,3 +156,51 @@ def newest_readable(candidates: list[Path]) -> Path | None:
         warnings.warn(f"skipping {path}: not a readable checkpoint (truncated or corrupt); trying the previous one",
                       stacklevel=2)
     return None
+
+
+class NonFiniteLoss(Exception):
+    """Raised before the optimizer step that would have written NaN/inf into the weights."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Checks the gradients before every optimizer step. A NaN or inf loss makes every
+    gradient non-finite; under DDP the gradients are already averaged across ranks there, so
+    every rank sees the same verdict and they stop together without another collective.
+
+    ``stop`` (default): raise ``NonFiniteLoss`` naming the step and the last good checkpoint,
+    before the step, so the weights and every checkpoint stay finite. ``skip``: drop that
+    step's gradients, count it (``train/nonfinite_skipped``) and go on. ``off``: no check.
+    The check costs one host-device sync per step (as a GradScaler's does)."""
+
+    MODES = ("stop", "skip", "off")
+
+    def __init__(self, mode: str = "stop") -> None:
+        if mode not in self.MODES:
+            from mmlightning.registry import ConfigError
+
+            raise ConfigError(f"run.on_nonfinite: {mode!r} is not one of {', '.join(self.MODES)}.")
+        self.mode = mode
+        self.skipped = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self.mode == "off":
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            return
+        if self.mode == "skip":
+            optimizer.zero_grad(set_to_none=True)  # the optimizer leaves gradient-less parameters alone
+            self.skipped += 1
+            pl_module.log("train/nonfinite_skipped", float(self.skipped))
+            return
+        last_good = _last_checkpoint(trainer)
+        raise NonFiniteLoss(f"non-finite loss or gradients at step {trainer.global_step} (epoch "
+                            f"{trainer.current_epoch}); the weights were not updated. Last good checkpoint: "
+                            f"{last_good or 'none yet'}. run.on_nonfinite=skip steps over such batches instead.")
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    paths = [p for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path) if p]
+    existing = [Path(p) for p in paths if Path(p).is_file()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None

@@ -156,3 +156,65 @@ def test_killed_save_leaves_the_previous_checkpoint_whole(tmp_path: Path) -> Non
     saver.wait()
     assert target.read_bytes() == before and readable_checkpoint(target)
     assert [p.name for p in target.parent.glob("*.ckpt")] == ["last.ckpt"]  # resume never sees the partial file
+
+
+NAN_CNN = '''
+import os
+from mmlightning.encoders.vision import SmallCNN
+from mmlightning.registry import VISION_ENCODERS
+
+NAN_AT = int(os.environ.get("NAN_AT_FORWARD", "0"))
+NAN_RANK = os.environ.get("NAN_RANK", "0")
+
+@VISION_ENCODERS.register("nan_cnn")
+class NaNCNN(SmallCNN):
+    """The shapes CNN, whose N-th training forward (on one rank) returns NaN features."""
+    forwards = 0
+
+    def forward(self, images):
+        out = super().forward(images)
+        if self.training:
+            NaNCNN.forwards += 1
+            if NaNCNN.forwards == NAN_AT and os.environ.get("LOCAL_RANK", "0") == NAN_RANK:
+                out.pooled = out.pooled * float("nan")
+        return out
+'''
+
+
+def test_nonfinite_loss_stops_before_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "nan_cnn.py").write_text(NAN_CNN)
+    monkeypatch.setenv("NAN_AT_FORWARD", "12")  # step 11, in the second epoch
+    args = ["fit", "clip-shapes", *SHAPES_CLIP, "trainer.max_epochs=2", "logger.name=none", "imports=[nan_cnn.py]",
+            "model.vision.name=nan_cnn", "run.name=n"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    last = tmp_path / "runs" / "n" / "checkpoints" / "last.ckpt"
+    assert "non-finite loss or gradients at step 11" in err and f"Last good checkpoint: {last}" in err
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 8  # the end of epoch 1, never overwritten
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_skip_mode_counts_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "nan_cnn.py").write_text(NAN_CNN)
+    monkeypatch.setenv("NAN_AT_FORWARD", "3")
+    args = ["fit", "clip-shapes", *SHAPES_CLIP, "logger.name=csv", "imports=[nan_cnn.py]", "model.vision.name=nan_cnn",
+            "run.name=s", "run.on_nonfinite=skip"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "runs" / "s" / "summary.json").read_text())
+    assert summary["global_step"] == 8 and all(map(lambda v: v == v, summary["test"].values()))
+    metrics = (tmp_path / "runs" / "s" / "csv" / "metrics.csv").read_text()
+    assert "train/nonfinite_skipped" in metrics.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_nonfinite_on_one_rank_stops_both(tmp_path: Path) -> None:
+    (tmp_path / "nan_cnn.py").write_text(NAN_CNN)
+    env = {**os.environ, "NAN_AT_FORWARD": "2", "NAN_RANK": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "mmlightning.cli", "fit", "clip-shapes", *SHAPES_CLIP, "logger.name=none",
+           "imports=[nan_cnn.py]", "model.vision.name=nan_cnn", "run.name=ddp", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.strategy=ddp"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "non-finite loss or gradients at step 1" in out.stderr

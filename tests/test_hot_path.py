@@ -25,8 +25,10 @@ CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
 # Where a sync is not ours to remove, matched against the innermost frames only (the whole
 # training step runs inside optimizer.step(closure), so an outer frame would excuse all):
 # the optimizer's step counter, and transformers' attention-mask building, which asks
-# whether the batch holds padding or packed sequences on every forward of an HF model.
-EXCUSED = ("torch/optim/", "transformers/masking_utils.py")
+# whether the batch holds padding or packed sequences on every forward of an HF model. And one
+# of ours, on purpose: the non-finite guard's check before each optimizer step
+# (run.on_nonfinite=off removes it).
+EXCUSED = ("torch/optim/", "transformers/masking_utils.py", "mmlightning/fault_tolerance.py")
 LOG_EVERY = 4
 
 
