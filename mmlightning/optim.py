@@ -32,6 +32,10 @@ def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, betas: 
     kernel for every tensor instead of a Python loop over them (on this project's CPU
     benchmarks the optimizer step was 4-7x faster, about 4% of a clip-shapes step)."""
     _check_lr(lr, weight_decay)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), like [0.9, 0.98]; got {list(betas)}")
+    if not eps > 0:
+        raise ConfigError(f"optimizer.eps must be > 0, got {eps}")
     groups = list(params)
     if fused is None:
         fused = _fusable(groups)
@@ -46,6 +50,13 @@ def sgd(params: Iterable, lr: float = 0.1, weight_decay: float = 0.0, momentum: 
                            fused=fused)
 
 
+def _check_schedule(warmup_steps: int, min_lr_ratio: float = 0.0) -> None:
+    if warmup_steps < 0:
+        raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+
+
 def _warmup(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
@@ -54,6 +65,7 @@ def _warmup(step: int, warmup_steps: int) -> float:
 def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
            min_lr_ratio: float = 0.0) -> LambdaLR:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` x lr at ``total_steps``."""
+    _check_schedule(warmup_steps, min_lr_ratio)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -66,4 +78,5 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
 
 @SCHEDULERS.register("constant")
 def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> LambdaLR:
+    _check_schedule(warmup_steps)
     return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps))

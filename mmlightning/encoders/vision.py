@@ -68,7 +68,7 @@ class TimmEncoder(nn.Module):
         if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
             from mmlightning.registry import did_you_mean
 
-            raise ConfigError(f"timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
+            raise ConfigError(f"model.vision.name: timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
                               f"`python -c 'import timm; print(timm.list_models(\"vit*\"))'` lists them.")
         try:
             self.model = self._create(model_name, pretrained, img_size, kwargs)

@@ -37,9 +37,17 @@ class TaskModule(L.LightningModule):
 
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
-        OPTIMIZERS.check(optimizer, "optimizer")
-        if scheduler:
-            SCHEDULERS.check(scheduler, "scheduler")
+        # built once on a stand-in parameter, so that a bad value (lr=-1, betas=[0.9]) fails
+        # now, in `mml check`, rather than after the data and model have loaded
+        try:
+            probe = OPTIMIZERS.build(optimizer, "optimizer", params=[torch.zeros(1, requires_grad=True)])
+            if scheduler:
+                SCHEDULERS.build(scheduler, "scheduler", optimizer=probe, total_steps=1)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, IndexError) as err:
+            raise ConfigError(f"optimizer/scheduler: {err} (optimizer: {dict(optimizer)}, scheduler: "
+                              f"{dict(scheduler or {})}).") from None
         self.optimizer_spec = dict(optimizer)
         self.scheduler_spec = dict(scheduler) if scheduler else None
         self.recipe: dict[str, Any] | None = None  # the resolved recipe; set by build, saved in checkpoints

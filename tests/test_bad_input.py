@@ -1,0 +1,69 @@
+"""Every row of the README's bad-input table: the command fails with exit code 2 and the
+message shown there, and no traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tiny import SHAPES_CLIP, tiny_bert, tiny_vit
+
+from mmlightning.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def table_rows() -> list[tuple[str, str, str]]:
+    section = README.read_text().split("### Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`mml "):
+            rows.append((cells[0], cells[1].strip("`"), cells[2].strip("`")))
+    return rows
+
+
+ROWS = table_rows()
+
+
+def test_the_table_is_there() -> None:
+    assert len(ROWS) >= 15
+
+
+def write_bad_files(root: Path) -> None:
+    """What the data rows point at: a broken JSON, and COCO captions naming a missing image."""
+    (root / "broken.json").write_text('{"images": [')
+    (root / "images").mkdir()
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(3)]
+    for image in images[:2]:
+        Image.new("RGB", (40, 40), (200, 10, 10)).save(root / "images" / image["file_name"])
+    annotations = [{"id": i, "image_id": i, "caption": "a red square"} for i in range(3)]
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+
+
+@pytest.mark.parametrize("what, command, message", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_row(what: str, command: str, message: str, tmp_path: Path, minilm_dir: Path,
+                       capsys: pytest.CaptureFixture) -> None:
+    write_bad_files(tmp_path)
+    if "runs/narrow" in command:
+        assert main(["fit", "clip-shapes", *SHAPES_CLIP, "model.vision.width=8", "run.name=narrow",
+                     "logger.name=none"]) == 0
+        capsys.readouterr()
+    words = shlex.split(command)[1:]  # drop "mml"
+    recipe_at = next(i for i, w in enumerate(words) if not w.startswith("-") and i > 0)
+    shrink = [*tiny_vit(), *tiny_bert(minilm_dir)] if words[recipe_at] == "clip-coco" else []
+    args = [*words[:recipe_at + 1], *shrink, *words[recipe_at + 1:], "logger.name=none"]
+    if "--resume" in words:
+        args = words  # a resumed run takes its recipe from the run
+    # a real process: what a user's terminal shows, free of this test process's logging state
+    out = subprocess.run([sys.executable, "-m", "mmlightning.cli", *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, f"{what}: {out.stderr[-2000:]}"
+    assert message in out.stderr, f"{what}: {out.stderr[-2000:]}"
+    assert "Traceback" not in out.stderr and len(re.findall(r"error:", out.stderr)) == 1
