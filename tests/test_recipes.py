@@ -134,3 +134,33 @@ def test_ddp_two_processes(tmp_path: Path) -> None:
     summary = json.loads((runs[0] / "summary.json").read_text())
     # 256 samples, 2 ranks x 32 per step -> 4 steps in the epoch
     assert summary["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_ddp_metrics_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    """2 ranks x 32 and 1 process x 64 see the same samples each step (the sampler deals the
+    run's permutation out across ranks), the gathered contrastive loss gives the same
+    gradients, and the evaluation metrics are reduced over every rank's share: the same
+    weights and the same test metrics. (A tower without BatchNorm, whose statistics would
+    be per rank.)"""
+    tower = ["model.vision={name: 'timm:vit_base_patch16_224', img_size: 32, "
+             "model_kwargs: {depth: 1, embed_dim: 32, num_heads: 2}}", "trainer.precision=32-true",
+             "logger.name=none", "trainer.accelerator=cpu"]
+    runs = {"ddp": ["data.batch_size=32", "trainer.devices=2", "trainer.strategy=ddp"],
+            "single": ["data.batch_size=64", "trainer.devices=1"]}
+    for name, extra in runs.items():
+        cmd = [sys.executable, "-m", "mmlightning.cli", "fit", "clip-shapes", *SHAPES_CLIP, *tower, *extra,
+               f"run.name={name}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+    summaries = {name: json.loads((tmp_path / "runs" / name / "summary.json").read_text()) for name in runs}
+    assert summaries["ddp"]["global_step"] == summaries["single"]["global_step"] == 4
+    assert summaries["ddp"]["test"].keys() == summaries["single"]["test"].keys()
+    for metric, value in summaries["single"]["test"].items():
+        assert summaries["ddp"]["test"][metric] == pytest.approx(value, abs=1e-4), metric
+    import torch
+
+    weights = {name: torch.load(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", map_location="cpu",
+                                weights_only=True)["state_dict"] for name in runs}
+    for key, value in weights["single"].items():
+        torch.testing.assert_close(weights["ddp"][key], value, atol=1e-5, rtol=1e-4, msg=key)
