@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from torch import nn
 
 from mmlightning.fault_tolerance import AtomicCheckpointIO, CarryRNGState, NonFiniteGuard, StopOnSignal
 from mmlightning.registry import DATA_MODULES, TASKS, ConfigError, check_kwargs
@@ -65,7 +66,19 @@ def build_task(cfg: dict[str, Any], load_pretrained: bool = True):
     check_kwargs(task_cls, model, "model")
     task = task_cls(**model, loss=cfg["loss"], optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler"))
     task.recipe = cfg
+    if cfg.get("compile"):
+        compile_trainable_parts(task, dict(cfg.get("compile_options") or {}))
     return task
+
+
+def compile_trainable_parts(task: nn.Module, options: dict[str, Any]) -> None:
+    """``compile: true``: torch.compile every top-level part of the task that trains (towers,
+    projections, heads), in place (``Module.compile``), so state-dict keys and checkpoints
+    are the same as without it; the loss and metrics stay eager."""
+    for child in task.children():
+        if isinstance(child, nn.ModuleDict) or not any(p.requires_grad for p in child.parameters()):
+            continue
+        child.compile(**options)
 
 
 def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
@@ -202,7 +215,13 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
             # improving would resume from an old epoch
             callbacks.append(ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
                                              enable_version_counter=False))
-    return L.Trainer(
-        default_root_dir=str(run_dir) if run_dir else None, callbacks=callbacks, logger=loggers or False, plugins=plugins,
-        enable_checkpointing=enable_checkpointing and run_dir is not None, **trainer_kwargs,
-    )
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(
+            default_root_dir=str(run_dir) if run_dir else None, callbacks=callbacks, logger=loggers or False,
+            plugins=plugins, enable_checkpointing=enable_checkpointing and run_dir is not None, **trainer_kwargs,
+        )
+    except (ValueError, MisconfigurationException) as err:  # e.g. fsdp without a GPU, devices=3 on 2 GPUs
+        settings = {k: trainer_kwargs.get(k) for k in ("accelerator", "devices", "strategy", "precision")}
+        raise ConfigError(f"trainer: {err} (trainer settings: {settings})") from None

@@ -22,7 +22,7 @@ from mmlightning.registry import ConfigError, did_you_mean
 
 # Sections a recipe may have. Anything else at the top level is a typo.
 TOP_LEVEL_KEYS = {
-    "description", "recipe", "imports", "seed", "run", "task", "model", "loss", "data",
+    "description", "recipe", "imports", "compile", "compile_options", "seed", "run", "task", "model", "loss", "data",
     "optimizer", "scheduler", "trainer", "checkpoint", "logger", "summary",
 }
 

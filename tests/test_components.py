@@ -108,3 +108,52 @@ def test_adamw_fused_by_default_and_same_updates_as_torch_loop() -> None:
     assert fused_optimizer.defaults["fused"] is True and not loop_optimizer.defaults["fused"]
     for a, b in zip(fused_model.parameters(), loop_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_flag_keeps_checkpoint_keys_and_results(tmp_path: Path) -> None:
+    """``compile: true`` compiles the trainable parts in place: same state-dict keys, same
+    loss. (The aot_eager backend here: the default inductor needs a C++ toolchain and
+    minutes on this CPU; on a GPU leave compile_options empty.)"""
+    import torch
+
+    from mmlightning.build import build_datamodule, build_task
+    from mmlightning.config import load_recipe, resolve
+
+    def loss_and_keys(*extra: str):
+        cfg = resolve(load_recipe("clip-shapes", [*SHAPES_CLIP, *extra]))
+        torch.manual_seed(0)
+        task = build_task(cfg)
+        datamodule = build_datamodule(cfg, task)
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        return task.batch_loss(batch), list(task.state_dict()), task
+
+    eager_loss, eager_keys, _ = loss_and_keys()
+    compiled_loss, compiled_keys, task = loss_and_keys("compile=true", "compile_options={backend: aot_eager}")
+    assert compiled_keys == eager_keys
+    assert task.vision._compiled_call_impl is not None and task.loss_fn._compiled_call_impl is None
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(minilm_dir: Path) -> None:
+    import torch
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        task = task_for("model.vision.name=timm:vit_base_patch16_224", "model.vision.img_size=32",
+                        "model.vision.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
+                        f"model.vision.grad_checkpointing={str(checkpointing).lower()}",
+                        f"model.text.name=hf:{minilm_dir}", "model.text.pretrained=false",
+                        "model.text.config={num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 2, "
+                        "intermediate_size: 64}", f"+model.text.grad_checkpointing={str(checkpointing).lower()}")
+        task.train()
+        tokens = task.text.tokenizer(["a small red circle", "a large blue square"], return_tensors="pt", padding=True)
+        image = task.encode_image(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        task.loss_fn(image, text, task.temperature_scale()).backward()
+        return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
