@@ -184,8 +184,8 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self.mode == "off":
-            return
+        if self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # 16-mixed: overflowing gradients are routine there, and its GradScaler skips those steps
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             return
