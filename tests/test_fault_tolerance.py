@@ -87,6 +87,10 @@ def test_signals_then_resume_reproduce_the_uninterrupted_run(tmp_path: Path) -> 
     third = mml(tmp_path, "fit", "clip-shapes", "--resume", str(run))
     assert third.returncode == 0, third.stderr[-3000:]
 
+    legs = [read_run(path) for path in find_run_files(run / "wandb")]
+    assert len(legs) == 3 and len({leg.run_id for leg in legs}) == 1  # one W&B run, continued twice
+    steps = [row["trainer/global_step"] for leg in legs for row in leg.history if "trainer/global_step" in row]
+    assert steps == sorted(steps)
     straight, cut = losses_by_step(tmp_path / "runs" / "straight"), losses_by_step(run)
     assert sorted(cut) == sorted(straight) == list(range(32))
     assert cut == straight  # same batches in the same order, same schedule, same numbers
