@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp), searched recursively")
     p.add_argument("--out", help="write {file: caption} JSON here (default: print only)")
     p.add_argument("--batch-size", type=int, default=32)
+    p = sub.add_parser("export", help="write a CLIP checkpoint in another library's format")
+    p.add_argument("ckpt", help="checkpoint file or run directory (its best checkpoint)")
+    p.add_argument("--format", required=True, choices=["open_clip"])
+    p.add_argument("--out", required=True, help="folder to write")
     # overrides may come before or after options: `mml fit R a=1 --resume auto b=2`
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
@@ -249,9 +253,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmlightning.export import load_task, to_open_clip
+
+    task, path = load_task(args.ckpt)
+    if task.recipe.get("task") != "clip":
+        raise ConfigError(f"mml export writes CLIP models; {path} is a {task.recipe.get('task')!r} task.")
+    out = to_open_clip(task, Path(args.out))
+    print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    return 0
+
+
 COMMANDS = {"ls": cmd_ls, "show": cmd_show, "cp": cmd_cp, "check": cmd_check, "fit": cmd_fit,
             "validate": cmd_evaluate, "test": cmd_evaluate,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -56,7 +56,8 @@ def test_readme_mml_commands_run(tmp_path: Path, fixtures: dict[str, Path]) -> N
     for line in readme_commands():
         args = shlex.split(line.replace("path/to/all-MiniLM-L6-v2", str(fixtures["minilm"])))[1:]
         command, recipe = args[0], args[1] if len(args) > 1 else ""
-        placeholders = {"runs/<run>": "clip-shapes", "runs/<caption-run>": "caption-shapes"}
+        placeholders = {"runs/<run>": "clip-shapes", "runs/<caption-run>": "caption-shapes",
+                        "runs/<lit-run>": "lit-shapes-pretrained"}
         for placeholder, source in placeholders.items():
             if placeholder in line:
                 args = [a.replace(placeholder, str(run_of(tmp_path / "runs", source))) for a in args]
