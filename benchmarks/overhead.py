@@ -23,11 +23,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from harness import StepTimer, isolated, machine_line, median_after, peak_rss_mib  # noqa: E402
-from mmlightning.build import build_datamodule, build_task  # noqa: E402
+from mmlightning.build import build_datamodule, build_task, build_trainer  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS  # noqa: E402
 
@@ -40,8 +39,9 @@ CONFIGS = {
 }
 
 
-def build(config: str, seed: int = 0):
-    cfg = resolve(load_recipe("clip-shapes", [*CONFIGS[config], "logger.name=none", "trainer.precision=32-true"]))
+def build(config: str, seed: int = 0, extra: tuple[str, ...] | list[str] = ()):
+    cfg = resolve(load_recipe("clip-shapes", [*CONFIGS[config], "logger.name=none", "trainer.precision=32-true",
+                                              *extra]))
     torch.manual_seed(seed)
     task = build_task(cfg)
     datamodule = build_datamodule(cfg, task)
@@ -53,12 +53,14 @@ Measurement = tuple[float, float, float]  # median s/step, peak RSS MiB, MiB add
 
 
 def lightning_step_times(config: str, steps: int, warmup: int) -> Measurement:
-    cfg, task, datamodule = build(config)
+    """The Trainer `mml fit` builds (progress bar, RNG carry-over, non-finite guard, atomic
+    checkpoint IO), without validation, logger or checkpoint files."""
+    cfg, task, datamodule = build(config, extra=[f"trainer.max_steps={steps}", "trainer.limit_val_batches=0",
+                                                 "trainer.accelerator=cpu", "trainer.devices=1"])
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
-                        devices=1, precision="32-true", log_every_n_steps=cfg["trainer"]["log_every_n_steps"])
-    trainer.fit(task, train_dataloaders=datamodule.train_dataloader())
+    trainer = build_trainer(cfg, None, task=task)
+    trainer.callbacks.append(timer)
+    trainer.fit(task, datamodule=datamodule)
     peak = peak_rss_mib()
     return median_after(timer.intervals, warmup), peak, peak - timer.rss_before_first_step
 

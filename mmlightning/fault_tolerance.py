@@ -169,10 +169,10 @@ class NonFiniteGuard(L.Callback):
 
     ``stop`` (default): raise ``NonFiniteLoss`` naming the step and the last good checkpoint,
     before the step, so the weights and every checkpoint stay finite. ``skip``: drop that
-    step's gradients, count it (``train/nonfinite_skipped``) and go on. ``off``: no check.
+    step's gradients, count it (``train/nonfinite_skipped``) and go on. ``allow``: no check.
     The check costs one host-device sync per step (as a GradScaler's does)."""
 
-    MODES = ("stop", "skip", "off")
+    MODES = ("stop", "skip", "allow")
 
     def __init__(self, mode: str = "stop") -> None:
         if mode not in self.MODES:
@@ -184,7 +184,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self.mode == "off" or getattr(trainer.precision_plugin, "scaler", None) is not None:
+        if self.mode == "allow" or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # 16-mixed: overflowing gradients are routine there, and its GradScaler skips those steps
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):

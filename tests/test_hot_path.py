@@ -27,7 +27,7 @@ CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
 # the optimizer's step counter, and transformers' attention-mask building, which asks
 # whether the batch holds padding or packed sequences on every forward of an HF model. And one
 # of ours, on purpose: the non-finite guard's check before each optimizer step
-# (run.on_nonfinite=off removes it).
+# (run.on_nonfinite=allow removes it).
 EXCUSED = ("torch/optim/", "transformers/masking_utils.py", "mmlightning/fault_tolerance.py")
 LOG_EVERY = 4
 
