@@ -86,12 +86,15 @@ class ResumableLoader(DataLoader):
     is the fit loop's count of finished batches, not the batches this loader handed out:
     Lightning fetches one batch ahead."""
 
-    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batches_done: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batches_done = batches_done
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+        done, epoch_length = self.batches_done()
+        if done >= epoch_length:  # saved on the epoch's last batch: resume at the next epoch's start
+            return {"epoch": self.sampler.epoch + 1, "batches_done": 0}
+        return {"epoch": self.sampler.epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.set_epoch(state["epoch"])
@@ -151,10 +154,13 @@ class SplitDataModule(L.LightningDataModule):
         per_rank = len(ResumableSampler(self.datasets["train"], seed=0, drop_last=self.drop_last_train))
         return per_rank // self.batch_size if self.drop_last_train else math.ceil(per_rank / self.batch_size)
 
-    def _batches_done_this_epoch(self) -> int:
-        """Training batches the fit loop has finished in this epoch (0 outside fit)."""
+    def _batches_done_this_epoch(self) -> tuple[int, int]:
+        """Training batches the fit loop has finished in this epoch, and how many the epoch
+        has (after ``limit_train_batches``); (0, 1) outside fit."""
         trainer = self.trainer
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+        if trainer is None:
+            return 0, 1
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

@@ -188,6 +188,7 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
                               "task accumulates itself, keeping every batch's negatives.")
         # the task steps its optimizer itself; Lightning does not clip gradients for it
         task.clip_gradient_value = trainer_kwargs.pop("gradient_clip_val", None)
+        task.clip_gradient_algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None) or "norm"
     elif (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1 and getattr(task, "accumulate_batches", None) == 1 \
             and hasattr(task, "accumulating_step"):
         raise ConfigError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "

@@ -84,7 +84,7 @@ the next hook (after Lightning has logged the step).
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
-            if self.received != signum:  # that one already stepped aside
+            if signal.getsignal(signum) == self._handle:  # not stepped aside, nor restored by Lightning already
                 signal.signal(signum, handler)
         self._previous.clear()
 

@@ -46,3 +46,21 @@ def test_lightning_accumulation_on_a_contrastive_task_is_refused() -> None:
     cfg = resolve(load_recipe("clip-shapes", [*SHAPES_CLIP, "trainer.accumulate_grad_batches=4", "logger.name=none"]))
     with pytest.raises(ConfigError, match="Use model.accumulate_batches instead"):
         build_trainer(cfg, None, task=build_task(cfg))
+
+
+@pytest.mark.slow
+def test_accumulation_under_two_process_ddp(tmp_path) -> None:
+    """Every parameter, the temperature included, is in the one gradient reduction of the last
+    pass (the others run without DDP's sync): plain `ddp` accepts it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mmlightning.cli", "fit", "clip-shapes", *SHAPES_CLIP, "model.accumulate_batches=2",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "logger.name=none", "run.name=a"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    # 256 samples / 2 ranks / 32 a batch = 4 batches a rank, 2 per step
+    assert json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())["global_step"] == 2

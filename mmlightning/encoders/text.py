@@ -94,6 +94,8 @@ class HFTextEncoder(nn.Module):
                 self.model = AutoModel.from_pretrained(name_or_path, config=hf_config, **no_pooler)
             else:
                 self.model = AutoModel.from_config(hf_config, **no_pooler)
+            if getattr(self.model, "pooler", None) is not None:  # other encoders with a pooler (MPNet, ALBERT...)
+                self.model.pooler = None
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
         except OSError as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"

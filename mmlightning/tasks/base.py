@@ -34,6 +34,7 @@ class DataSpec:
 class TaskModule(L.LightningModule):
     accumulate_batches = 1  # > 1: the task accumulates batches itself (manual optimization)
     clip_gradient_value: float | None = None  # set by build_trainer when the task optimizes manually
+    clip_gradient_algorithm: str = "norm"
 
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()

@@ -6,6 +6,7 @@ classification from the data module's class prompts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -93,40 +94,58 @@ class CLIPTask(TaskModule):
         gradient accumulation would score each batch only against itself. Each re-embedding
         replays its batch's RNG state, so dropout draws the same masks twice. BatchNorm layers
         still see one batch at a time."""
-        rng = torch.get_rng_state()
+        rng = self._rng_state()
         with torch.no_grad():
             features = (self.encode_image(batch["image"]), self.encode_text(batch["input_ids"], batch["attention_mask"]))
         self._cached.append((batch, rng, *features))
         if len(self._cached) < self.accumulate_batches:
             return None
         cached, self._cached = self._cached, []
-        resume_rng = torch.get_rng_state()
+        resume_rng = self._rng_state()
         images, texts = [c[2] for c in cached], [c[3] for c in cached]
         caption_ids = (torch.cat([c[0]["caption_id"] for c in cached]) if "caption_id" in cached[0][0] else None)
         optimizer = self.optimizers()
         optimizer.zero_grad()
         scale = self.temperature_scale()
+        last = len(cached) - 1
         for j, (micro, state, _, _) in enumerate(cached):
-            torch.set_rng_state(state)
-            image = self.encode_image(micro["image"])
-            text = self.encode_text(micro["input_ids"], micro["attention_mask"])
-            first = j == 0  # the temperature and bias take their gradient from one pass only
-            loss = self.loss_fn(torch.cat([*images[:j], image, *images[j + 1:]]),
-                                torch.cat([*texts[:j], text, *texts[j + 1:]]),
-                                scale if first else scale.detach(), caption_ids=caption_ids,
-                                logit_bias=None if self.logit_bias is None else
-                                (self.logit_bias if first else self.logit_bias.detach()))
-            self.manual_backward(loss)
-        torch.set_rng_state(resume_rng)
-        if self.clip_gradient_value:
-            self.clip_gradients(optimizer, gradient_clip_val=self.clip_gradient_value, gradient_clip_algorithm="norm")
-        optimizer.step()
+            self._set_rng_state(state)
+            # DDP all-reduces once, in the last pass, which is also the one that gives the
+            # temperature and bias their gradient: every parameter is then in that reduction
+            sync = j == last
+            no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)  # parallel strategies only
+            with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+                image = self.encode_image(micro["image"])
+                text = self.encode_text(micro["input_ids"], micro["attention_mask"])
+                loss = self.loss_fn(torch.cat([*images[:j], image, *images[j + 1:]]),
+                                    torch.cat([*texts[:j], text, *texts[j + 1:]]),
+                                    scale if sync else scale.detach(), caption_ids=caption_ids,
+                                    logit_bias=None if self.logit_bias is None else
+                                    (self.logit_bias if sync else self.logit_bias.detach()))
+                self.manual_backward(loss)
+        self._set_rng_state(resume_rng)
+        optimizer.step()  # gradients are clipped in on_before_optimizer_step, after AMP unscaling
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         self.log("train/loss", loss.detach())
         self.log("train/logit_scale", scale.detach())
         return None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.accumulate_batches > 1 and self.clip_gradient_value:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_gradient_value,
+                                gradient_clip_algorithm=self.clip_gradient_algorithm)
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CPU and (on a GPU) this device's generator: dropout draws from the latter."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
 
     def on_train_epoch_end(self) -> None:
         self._cached = []  # an epoch's last batches that do not fill a group are dropped, as drop_last
