@@ -150,6 +150,12 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> l
     return [wandb_logger, CSVLogger(save_dir=str(run_dir), name="csv", version="")]
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every validation. Its own class, so that its state in a checkpoint
+    never shares a key with the best-checkpoint callback (Lightning keys them by class and
+    arguments, which coincide when ``checkpoint.monitor`` is null)."""
+
+
 class ProgressBar(RichProgressBar):
     """Rich's bar, redrawn every ``every`` training batches rather than every one: each redraw
     turns the logged tensors into Python numbers, a host-device sync per step on a GPU."""
@@ -214,8 +220,8 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
             # last.ckpt after every validation (or epoch): ModelCheckpoint(save_last=True) only
             # refreshes it when a best checkpoint is written, so a run whose metric stopped
             # improving would resume from an old epoch
-            callbacks.append(ModelCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
-                                             enable_version_counter=False))
+            callbacks.append(LastCheckpoint(dirpath=folder, filename="last", monitor=None, save_top_k=1,
+                                            enable_version_counter=False))
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:

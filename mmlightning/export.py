@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mmlightning.registry import ConfigError
+from mmlightning.tasks.clip import MAX_LOGIT_SCALE
 
 OPEN_CLIP_POOLING = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 
@@ -33,7 +34,12 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     cfg = checkpoint.get("mmlightning_recipe")
     if not cfg:
         raise ConfigError(f"{path}: not an mmlightning checkpoint (no recipe inside).")
-    task = build_task(cfg, load_pretrained=False)
+    model = dict(cfg["model"])  # the checkpoint overwrites every weight: fetch or read no pretrained ones
+    if str(model["vision"].get("name", "")).startswith("timm:"):
+        model["vision"] = {**model["vision"], "pretrained": False, "checkpoint_path": None, "checkpoint_remap": None}
+    if str(model.get("text", {}).get("name", "")).startswith("hf:"):
+        model["text"] = {**model["text"], "pretrained": False}  # config and tokenizer still come from its folder
+    task = build_task({**cfg, "model": model}, load_pretrained=False)
     task.load_state_dict(checkpoint["state_dict"], strict=True)
     return task.eval(), path
 
@@ -97,8 +103,8 @@ def to_open_clip(task: Any, out: Path) -> Path:
                 state[theirs + key[len(ours):]] = value
                 break
         else:
-            if key == "logit_scale":
-                state[key] = value
+            if key == "logit_scale":  # open_clip does not clamp it: store what the model used
+                state[key] = value.clamp(max=MAX_LOGIT_SCALE)
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     torch.save(state, out / "open_clip_pytorch_model.bin")
     return out
