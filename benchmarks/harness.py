@@ -26,6 +26,16 @@ def isolated(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.apply(fn, args)
 
 
+def interleaved(sides: dict[str, Callable[..., Any]], repeats: int, *args: Any) -> dict[str, list[Any]]:
+    """Each side ``repeats`` times, each run in a fresh process, the sides taking turns in
+    alternating order, so drift in the machine's load hits every side alike."""
+    results: dict[str, list[Any]] = {name: [] for name in sides}
+    for repeat in range(repeats):
+        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            results[name].append(isolated(sides[name], *args))
+    return results
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

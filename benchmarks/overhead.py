@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from harness import StepTimer, isolated, machine_line, median_after, peak_rss_mib  # noqa: E402
+from harness import StepTimer, interleaved, machine_line, median_after, peak_rss_mib  # noqa: E402
 from mmlightning.build import build_datamodule, build_task, build_trainer  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS  # noqa: E402
@@ -99,10 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sides = {"hand-written loop": plain_step_times, "mmlightning": lightning_step_times}
-    results: dict[str, list[Measurement]] = {name: [] for name in sides}
-    for repeat in range(args.repeats):  # interleaved, order alternating: drift in machine load hits both alike
-        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
-            results[name].append(isolated(sides[name], args.config, args.steps, args.warmup))
+    results: dict[str, list[Measurement]] = interleaved(sides, args.repeats, args.config, args.steps, args.warmup)
     print(machine_line())
     print(f"config: {args.config}, {args.steps} steps x {args.repeats} repeats, median after {args.warmup} warm-up "
           f"steps, fp32, one process per measurement")

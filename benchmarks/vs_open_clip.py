@@ -33,7 +33,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from timm.models import register_model  # noqa: E402
 
-from harness import StepTimer, isolated, machine_line, median_after, peak_rss_mib  # noqa: E402
+from harness import StepTimer, interleaved, machine_line, median_after, peak_rss_mib  # noqa: E402
 from mmlightning.build import build_datamodule, build_task  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 
@@ -148,10 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sides = {"open_clip": open_clip_step, "mmlightning": mmlightning_step}
-    results: dict[str, list[Measurement]] = {name: [] for name in sides}
-    for repeat in range(args.repeats):  # interleaved, order alternating: drift in machine load hits both alike
-        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
-            results[name].append(isolated(sides[name], args.batch_size, args.steps, args.warmup, args.precision))
+    results: dict[str, list[Measurement]] = interleaved(sides, args.repeats, args.batch_size, args.steps, args.warmup, args.precision)
     print(machine_line())
     print(f"model: timm vit_cpu_bench (ViT-B/16 layout: 64 px, patch 8, width 256, depth 6) + MiniLM-L6 text tower, "
           f"{EMBED_DIM}-d; batch {args.batch_size}, {args.precision}; {args.steps} steps x {args.repeats} repeats, "
