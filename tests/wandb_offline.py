@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,9 +192,20 @@ def _summary_from_history(history: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def read_run(path: str | Path) -> WandbRun:
-    """Decode a ``run-<id>.wandb`` file into a :class:`WandbRun`."""
-    records = read_records(path)
+def read_run(path: str | Path, wait_s: float = 30.0) -> WandbRun:
+    """Decode a ``run-<id>.wandb`` file into a :class:`WandbRun`.
+
+    wandb's core process writes the file on its own schedule, and ``run.finish()`` can return
+    before the last block reaches the disk: wait (up to ``wait_s``) for the run's exit record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = read_records(path)
+        except ValueError:  # a block still being written
+            records = []
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     run_records = [r.run for r in records if r.HasField("run")]
     if not run_records:
         raise ValueError(f"{path}: no run record (file truncated too early?)")
