@@ -1,17 +1,31 @@
 """Export a trained CLIP checkpoint for use outside mmlightning.
 
-``mml export runs/<run> --format open_clip --out exported/`` writes a folder that
-``open_clip.create_model_and_transforms("local-dir:exported/")`` loads, giving the same
-embeddings: ``open_clip_config.json`` (model and preprocessing config, with a timm image
-tower and an HF text tower as open_clip's own configs describe them),
-``open_clip_pytorch_model.bin`` (the state dict, renamed) and ``text/`` (the text tower's HF
-config and tokenizer, which the model config points at). What open_clip cannot express is
-refused with the reason, before anything is written.
+``mml export runs/<run> --format FORMAT --out exported/`` writes a folder another library
+loads, giving the same embeddings as the framework:
+
+- ``open_clip``: ``open_clip.create_model_and_transforms("local-dir:exported/")`` loads it.
+  ``open_clip_config.json`` (model and preprocessing config, with a timm image tower and an HF
+  text tower as open_clip's own configs describe them), ``open_clip_pytorch_model.bin`` (the
+  state dict, renamed) and ``text/`` (the text tower's HF config and tokenizer, which the model
+  config points at).
+- ``hf``: ``transformers.AutoModel.from_pretrained("exported/", trust_remote_code=True)`` loads
+  it. ``config.json`` and ``model.safetensors`` of a small dual-encoder model whose code,
+  ``hf_dual_encoder.py``, travels in the folder (transformers has no class that pools a text
+  tower as mmlightning does: see that file), with the stock ``TimmWrapperModel`` and text model
+  as towers; plus the tokenizer and ``preprocessor_config.json``, which ``AutoTokenizer``,
+  ``AutoImageProcessor`` and ``AutoProcessor`` load, and the zero-shot-image-classification
+  pipeline takes the folder as its model.
+
+Both formats hold a timm image tower and an HF text tower, each with a bias-free linear
+projection. What a format cannot express is refused with the reasons, before anything is
+written.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +58,43 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     return task.eval(), path
 
 
+def tower_problems(task: Any, format_name: str) -> list[str]:
+    """What neither format can hold: both rebuild a timm image tower and an HF text tower, each
+    followed by a bias-free linear projection."""
+    from mmlightning.encoders.text import HFTextEncoder
+    from mmlightning.encoders.vision import TimmEncoder
+
+    spec = task.recipe["model"]
+    problems = []
+    if not isinstance(task.vision, TimmEncoder):
+        problems.append(f"the image tower is {spec['vision']['name']!r}: {format_name}'s image towers are timm models")
+    if not isinstance(task.text, HFTextEncoder):
+        problems.append(f"the text tower is {spec['text']['name']!r}: {format_name}'s text towers are HF models")
+    if (spec.get("projection") or {"name": "linear"})["name"] != "linear" or task.vision_proj.bias is not None:
+        problems.append(f"model.projection must be linear without bias ({format_name}'s projections)")
+    return problems
+
+
+def refuse(format_name: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(f"cannot export to {format_name}: " + "; ".join(problems) + ".")
+
+
+def renamed_state_dict(task: Any, renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The task's weights under another library's names (prefix -> prefix); metric states
+    are left out."""
+    state = {}
+    for key, value in task.state_dict().items():
+        prefix = next((ours for ours in renames if key.startswith(ours)), None)
+        if prefix is not None:
+            state[renames[prefix] + key[len(prefix):]] = value
+        elif key == "logit_scale":  # neither library clamps it: store what the model used
+            state[key] = value.clamp(max=MAX_LOGIT_SCALE)
+        elif key == "logit_bias":
+            state[key] = value
+    return state
+
+
 def open_clip_config(task: Any, text_dir: Path) -> dict[str, Any]:
     """open_clip's model and preprocessing config for ``task``, or a ConfigError naming what
     open_clip's format has no way to say."""
@@ -51,27 +102,21 @@ def open_clip_config(task: Any, text_dir: Path) -> dict[str, Any]:
     from mmlightning.encoders.vision import TimmEncoder
 
     spec = task.recipe["model"]
-    problems = []
-    if not isinstance(task.vision, TimmEncoder):
-        problems.append(f"the image tower is {spec['vision']['name']!r}: open_clip's custom towers are timm models")
-    elif spec["vision"].get("model_kwargs"):
-        problems.append(f"model.vision.model_kwargs {spec['vision']['model_kwargs']}: open_clip builds a timm "
-                        f"tower from its model name alone")
-    elif spec["vision"].get("img_size") and getattr(task.vision.model, "patch_embed", None) is not None \
-            and task.vision.model.default_cfg.get("input_size", [0, 0, 0])[-1] != spec["vision"]["img_size"]:
-        problems.append(f"model.vision.img_size {spec['vision']['img_size']}: open_clip builds a timm transformer "
-                        f"at its default size")
-    if not isinstance(task.text, HFTextEncoder):
-        problems.append(f"the text tower is {spec['text']['name']!r}: open_clip's custom text towers are HF models")
-    elif task.text.pooling not in OPEN_CLIP_POOLING:
+    problems = tower_problems(task, "open_clip")
+    if isinstance(task.vision, TimmEncoder):
+        if spec["vision"].get("model_kwargs"):
+            problems.append(f"model.vision.model_kwargs {spec['vision']['model_kwargs']}: open_clip builds a timm "
+                            f"tower from its model name alone")
+        elif spec["vision"].get("img_size") and getattr(task.vision.model, "patch_embed", None) is not None \
+                and task.vision.model.default_cfg.get("input_size", [0, 0, 0])[-1] != spec["vision"]["img_size"]:
+            problems.append(f"model.vision.img_size {spec['vision']['img_size']}: open_clip builds a timm transformer "
+                            f"at its default size")
+    if isinstance(task.text, HFTextEncoder) and task.text.pooling not in OPEN_CLIP_POOLING:
         problems.append(f"text pooling {task.text.pooling!r} has no open_clip pooler")
-    if (spec.get("projection") or {"name": "linear"})["name"] != "linear" or task.vision_proj.bias is not None:
-        problems.append("model.projection must be linear without bias (open_clip's 'linear' projections)")
     if task.logit_bias is not None:
         problems.append("the loss has a logit bias (SigLIP): export it as a CLIP-loss model, or use open_clip's "
                         "SigLIP configs by hand")
-    if problems:
-        raise ConfigError("cannot export to open_clip: " + "; ".join(problems) + ".")
+    refuse("open_clip", problems)
     image = task.vision.image_config
     return {
         "model_cfg": {
@@ -94,17 +139,127 @@ def to_open_clip(task: Any, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     task.text.model.config.save_pretrained(out / "text")
     task.text.tokenizer.save_pretrained(out / "text")
-    renames = {"vision.model.": "visual.trunk.", "vision_proj.": "visual.head.proj.", "text.model.": "text.transformer.",
-               "text_proj.": "text.proj."}
-    state = {}
-    for key, value in task.state_dict().items():
-        for ours, theirs in renames.items():
-            if key.startswith(ours):
-                state[theirs + key[len(ours):]] = value
-                break
-        else:
-            if key == "logit_scale":  # open_clip does not clamp it: store what the model used
-                state[key] = value.clamp(max=MAX_LOGIT_SCALE)
+    state = renamed_state_dict(task, {"vision.model.": "visual.trunk.", "vision_proj.": "visual.head.proj.",
+                                      "text.model.": "text.transformer.", "text_proj.": "text.proj."})
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     torch.save(state, out / "open_clip_pytorch_model.bin")
     return out
+
+
+def timm_architecture(task: Any) -> str:
+    return task.recipe["model"]["vision"]["name"].removeprefix("timm:")  # with its pretrained tag: it can set the size
+
+
+def timm_model_args(task: Any) -> dict[str, Any]:
+    """The keyword arguments TimmEncoder built its timm model with, for TimmWrapperConfig's
+    ``model_args``: ``model_kwargs``, and ``img_size`` where the model takes one."""
+    import timm
+
+    spec = task.recipe["model"]["vision"]
+    args = dict(spec.get("model_kwargs") or {})
+    if spec.get("img_size"):
+        try:  # as TimmEncoder does: convolutional nets take any size and have no img_size argument
+            with torch.device("meta"):
+                timm.create_model(timm_architecture(task), num_classes=0, img_size=spec["img_size"], **args)
+            args["img_size"] = spec["img_size"]
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+    return args
+
+
+def hf_config(task: Any) -> Any:
+    """The exported model's config (``hf_dual_encoder.MMLDualEncoderConfig``), or a
+    ConfigError naming what it cannot hold."""
+    refuse("hf", tower_problems(task, "hf"))
+    from transformers import TimmWrapperConfig
+
+    from mmlightning.hf_dual_encoder import MMLDualEncoderConfig
+
+    # its label fields mean nothing to TimmWrapperModel, which always drops the classifier
+    vision = TimmWrapperConfig(architecture=timm_architecture(task), model_args=timm_model_args(task) or None)
+    text = task.text.model.config.to_dict()
+    text.pop("_name_or_path", None)  # the training-time folder: the export is self-contained
+    return MMLDualEncoderConfig(
+        vision_config=vision, text_config=text, text_pooling=task.text.pooling,
+        vision_embed_dim=task.vision_proj.in_features, projection_dim=task.vision_proj.out_features,
+        logit_scale_init_value=task.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).item(),
+        has_logit_bias=task.logit_bias is not None,
+    )
+
+
+def hf_model(task: Any) -> Any:
+    """The exported model with the task's weights, checked to embed as the task does: a
+    timm model TimmWrapperModel rebuilds differently is refused, not written."""
+    from mmlightning.encoders.tokenizers import tokenize
+    from mmlightning.hf_dual_encoder import MMLDualEncoderModel
+
+    config = hf_config(task)
+    try:
+        model = MMLDualEncoderModel(config).eval()
+    except (TypeError, ValueError) as err:  # e.g. model_kwargs that TimmWrapperModel's own arguments collide with
+        refuse("hf", [f"TimmWrapperModel cannot rebuild timm:{config.vision_config.architecture} with model_args "
+                      f"{config.vision_config.model_args}: {err}"])
+    state = renamed_state_dict(task, {"vision.model.": "vision_model.timm_model.", "vision_proj.": "visual_projection.",
+                                      "text.model.": "text_model.", "text_proj.": "text_projection."})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        refuse("hf", [f"the rebuilt towers do not fit the checkpoint: missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}"])
+    size = task.vision.image_config.size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    captions = ["a photo", "a longer caption, with padding to pool over"]
+    tokens = tokenize(task.text.tokenizer, captions, task.text.max_length)
+    with torch.no_grad():
+        gaps = {"image": (model.get_image_features(images) - task.encode_image(images)).abs().max().item(),
+                "text": (model.get_text_features(**tokens) - task.encode_text(**tokens)).abs().max().item()}
+    refuse("hf", [f"the rebuilt {tower} tower's embeddings differ from the checkpoint's by up to {gap:.1e}"
+                  for tower, gap in gaps.items() if gap > 1e-5])
+    return model
+
+
+def image_processor(task: Any) -> Any:
+    """CLIPImageProcessor does what the framework's eval transform does: resize the short side
+    to size / crop_pct, centre-crop, scale to [0, 1], normalize."""
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    image = task.vision.image_config
+    # the framework resizes bilinearly when asked to and bicubically otherwise
+    resample = PILImageResampling.BILINEAR if image.interpolation == "bilinear" else PILImageResampling.BICUBIC
+    return CLIPImageProcessor(size={"shortest_edge": int(round(image.size / image.crop_pct))},
+                              crop_size={"height": image.size, "width": image.size}, resample=resample,
+                              image_mean=list(image.mean), image_std=list(image.std), do_convert_rgb=True)
+
+
+def to_hf(task: Any, out: Path) -> Path:
+    from transformers import VisionTextDualEncoderProcessor
+
+    model = hf_model(task)  # refuses before anything is written
+    tokenizer = copy.deepcopy(task.text.tokenizer)  # saving a processor marks its tokenizer
+    tokenizer.model_max_length = task.text.max_length  # truncation=True then cuts where training did
+    images = image_processor(task)
+    # register_for_auto_class makes save_pretrained copy hf_dual_encoder.py into the folder and
+    # name it in config.json's auto_map, which trust_remote_code follows
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModel")
+    # and the zero-shot-image-classification pipeline builds its model through this auto class
+    model.config.auto_map = {"AutoModelForZeroShotImageClassification":
+                             f"{type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"}
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    # the processor (tokenizer + image processor, for AutoProcessor and pipelines) keeps its
+    # image processor in processor_config.json; preprocessor_config.json is where
+    # AutoImageProcessor, and transformers before 5, look
+    VisionTextDualEncoderProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
+    images.save_pretrained(out)
+    return out
+
+
+FORMATS: dict[str, tuple[Callable[[Any, Path], Path], str]] = {
+    "open_clip": (to_open_clip, "open_clip.create_model_and_transforms('local-dir:{out}')"),
+    # AutoTokenizer and AutoProcessor read config.json too, and would ask before running its code
+    "hf": (to_hf, "transformers.AutoModel.from_pretrained('{out}', trust_remote_code=True), and its "
+                  "AutoTokenizer or AutoProcessor likewise (AutoImageProcessor needs no flag)"),
+}
+"""Each format's writer, and how to load what it wrote."""

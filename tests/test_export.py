@@ -1,10 +1,11 @@
-"""mml export --format open_clip: open_clip.create_model loads the folder and gives the same
-embeddings as the framework."""
+"""mml export: open_clip.create_model (--format open_clip) and transformers' AutoModel
+(--format hf) load the folder and give the same embeddings as the framework."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny import SHAPES_CLIP
@@ -50,4 +51,71 @@ def test_export_refuses_what_open_clip_cannot_express(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert "cannot export to open_clip: the image tower is 'shapes_cnn'" in err
     assert "the text tower is 'small_transformer'" in err
+    assert not (tmp_path / "exported").exists()
+
+
+TINY_VIT = ("model.vision={name: 'timm:vit_tiny_patch16_224', img_size: 32, "
+            "model_kwargs: {depth: 1, embed_dim: 32, num_heads: 2}}")
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param(["model.vision={name: 'timm:resnet18', img_size: 64}"], id="resnet-mean"),
+    # a transformer rebuilt at another size from model_args, [CLS] pooling, SigLIP's logit bias
+    pytest.param([TINY_VIT, "model.text.pooling=cls", "loss={name: siglip}"], id="vit-cls-siglip"),
+])
+def test_export_round_trips_through_transformers(tmp_path: Path, minilm_dir: Path, capsys: pytest.CaptureFixture,
+                                                 variant: list[str]) -> None:
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer, pipeline
+    from transformers.image_utils import PILImageResampling
+
+    assert main(["fit", "clip-shapes", *SHAPES_CLIP, *tiny_hf_text(minilm_dir), *variant, "trainer.max_steps=3",
+                 "logger.name=none", "run.name=r"]) == 0
+    capsys.readouterr()
+    assert main(["export", "runs/r", "--format", "hf", "--out", "exported"]) == 0
+    assert "AutoModel.from_pretrained('exported', trust_remote_code=True)" in capsys.readouterr().out
+    out = tmp_path / "exported"
+    model, loading = AutoModel.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    task, _ = load_task("runs/r")
+    size = task.vision.image_config.size
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    captions = ["a small red circle", "a large blue square left of a cross", "a cross " * 20]
+    tokens = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt")
+    ours = task.text.tokenizer(captions, padding="longest", truncation=True, max_length=task.text.max_length,
+                               return_tensors="pt")
+    assert torch.equal(tokens["input_ids"], ours["input_ids"])  # truncated where training truncates
+    with torch.no_grad():
+        ours_image = task.encode_image(images)
+        ours_text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        theirs_image = model.get_image_features(pixel_values=images)
+        theirs_text = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        logits = model(pixel_values=images, **tokens).logits_per_image
+    assert (ours_image - theirs_image).abs().max() <= 1e-5
+    assert (ours_text - theirs_text).abs().max() <= 1e-5
+    bias = 0.0 if task.logit_bias is None else task.logit_bias
+    assert torch.allclose(logits, task.temperature_scale() * ours_image @ ours_text.T + bias, atol=1e-4)
+
+    image_config = task.vision.image_config
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor.crop_size == {"height": size, "width": size}
+    assert tuple(processor.image_mean) == image_config.mean and tuple(processor.image_std) == image_config.std
+    assert processor.resample == PILImageResampling.BICUBIC  # as the framework resizes
+    picture = Image.fromarray(np.zeros((80, 96, 3), np.uint8))
+    assert processor(images=picture, return_tensors="pt")["pixel_values"].shape == (1, 3, size, size)
+    assert type(AutoProcessor.from_pretrained(out, trust_remote_code=True)).__name__ == "VisionTextDualEncoderProcessor"
+    classify = pipeline("zero-shot-image-classification", model=str(out), trust_remote_code=True)
+    labels = {"a circle", "a square"}
+    assert {s["label"] for s in classify(picture, candidate_labels=sorted(labels))} == labels
+
+
+def test_export_refuses_what_hf_cannot_express(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", "clip-shapes", *SHAPES_CLIP, "trainer.max_steps=1", "logger.name=none", "run.name=s"]) == 0
+    capsys.readouterr()
+    assert main(["export", "runs/s", "--format", "hf", "--out", "exported"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot export to hf: the image tower is 'shapes_cnn'" in err
+    assert "the text tower is 'small_transformer'" in err
+    assert "projection" not in err  # clip-shapes' is linear without bias
     assert not (tmp_path / "exported").exists()
