@@ -40,6 +40,32 @@ class ZeroShotSpec:
         return [[t.format(c) for t in self.templates] for c in self.classnames]
 
 
+@dataclass
+class LabelledImages:
+    """One image per item with one class label, for zero-shot classification and linear
+    probes (``mml eval``): ``train`` fits the probes, ``test`` scores both. Each dataset cuts
+    whole batches in ``__getitems__``: ``{"image": (B,3,H,W) float, "label": (B,) long}``."""
+
+    name: str
+    classes: ZeroShotSpec
+    train: Dataset
+    test: Dataset
+
+
+class TensorImages(Dataset):
+    """Labelled images held in memory as uint8 (N,H,W,3)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_config: ImageConfig) -> None:
+        self.images, self.labels, self.image_config = images, labels, image_config
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return {"image": normalize_uint8(self.images[idx], self.image_config), "label": self.labels[idx]}
+
+
 def normalize_uint8(images: torch.Tensor, config: ImageConfig) -> torch.Tensor:
     """(B,H,W,3) uint8 -> (B,3,H,W) float normalised with the encoder's mean and std."""
     x = images.permute(0, 3, 1, 2).float().div_(255)

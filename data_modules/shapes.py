@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_world as world
-from mmlightning.data_modules.common import SplitDataModule, ZeroShotSpec, normalize_uint8, string_ids
+from mmlightning.data_modules.common import (LabelledImages, SplitDataModule, TensorImages, ZeroShotSpec, normalize_uint8,
+                                             string_ids)
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.registry import DATA_MODULES, ConfigError
@@ -84,7 +85,8 @@ class ShapesCLIPData(SplitDataModule):
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_train: int = 20000,
                  num_val: int = 1000, num_test: int = 1000, seed: int = 0, max_objects: int = 3,
                  heldout: list[list[str]] | None = None, batch_size: int = 256, eval_batch_size: int = 500,
-                 num_workers: int = 0, zero_shot_templates: tuple[str, ...] = ("a {}",)) -> None:
+                 num_workers: int = 0, zero_shot_templates: tuple[str, ...] = ("a {}",),
+                 num_labelled_train: int = 2400, num_labelled_test: int = 1200) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if not 1 <= max_objects <= 3:
             raise ConfigError(f"data.max_objects must be 1, 2 or 3, got {max_objects}")
@@ -92,8 +94,9 @@ class ShapesCLIPData(SplitDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
         self.seed, self.max_objects = seed, max_objects
+        self.num_labelled = {"train": num_labelled_train, "test": num_labelled_test}
         objects = world.all_objects()
-        self.zero_shot = ZeroShotSpec(
+        self.classes = self.zero_shot = ZeroShotSpec(
             classnames=[world.object_phrase(o) for o in objects], templates=list(zero_shot_templates),
             groups={"heldout": [i for i, o in enumerate(objects) if o in self.heldout],
                     "seen": [i for i, o in enumerate(objects) if o not in self.heldout]},
@@ -106,6 +109,20 @@ class ShapesCLIPData(SplitDataModule):
     def build_split(self, split: str) -> Dataset:
         kind = ShapesPairs if split == "train" else ShapesEval
         return kind(self.render(split), self.tokenizer, self.max_length, self.image_config)
+
+    def labelled_images(self) -> LabelledImages:
+        """One-shape scenes labelled with their (size, colour, shape), drawn from the train and
+        test streams of the world with every class allowed: a probe is supervised, so it may
+        see the classes that CLIP training held out."""
+        index = {o: k for k, o in enumerate(world.all_objects())}
+
+        def split(name: str) -> TensorImages:
+            rendered = world.generate(name, self.num_labelled[name], seed=self.seed, image_size=self.image_config.size,
+                                      max_objects=1, heldout=())
+            labels = torch.tensor([index[scene[0].combo] for scene in rendered.scenes])
+            return TensorImages(torch.from_numpy(rendered.images), labels, self.image_config)
+
+        return LabelledImages("shapes", self.classes, split("train"), split("test"))
 
 
 class ShapesQuestions(Dataset):

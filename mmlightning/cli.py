@@ -6,6 +6,7 @@
     mml check RECIPE [key=value ...]     build everything, one forward pass, no training
     mml fit RECIPE [key=value ...] [--resume RUN_DIR|auto]
     mml validate|test RECIPE [key=value ...] --ckpt CKPT_OR_RUN_DIR
+    mml eval RECIPE --ckpt CKPT_OR_RUN_DIR [--image-folder DIR --template T ...]   perception report
     mml predict RECIPE --ckpt CKPT_OR_RUN_DIR --images DIR [--out FILE]   caption images
 
 RECIPE is a packaged recipe's name or a path to a YAML file. Overrides: ``key=value`` changes
@@ -50,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("recipe")
         p.add_argument("overrides", nargs="*")
         p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
+    p = sub.add_parser("eval", help="the perception report of a checkpoint: JSON, Markdown and a chart beside it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint); `ckpt=...` works too")
+    p.add_argument("--image-folder", help="also classify this folder of class-named subfolders (zero-shot, probes)")
+    p.add_argument("--template", action="append", help="prompt template for --image-folder classes, with {} for the "
+                   "class name; repeat for several (default: the recipe's, else 'a photo of a {}.')")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16], help="few-shot probe sizes, images per class")
+    p.add_argument("--seeds", type=int, default=3, help="draws per few-shot probe")
     p = sub.add_parser("predict", help="caption a folder of images with a trained captioning checkpoint")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p = sub.add_parser("export", help="write a CLIP checkpoint in another library's format")
     p.add_argument("ckpt", help="checkpoint file or run directory (its best checkpoint)")
-    p.add_argument("--format", required=True, choices=["open_clip"])
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
     p.add_argument("--out", required=True, help="folder to write")
     # overrides may come before or after options: `mml fit R a=1 --resume auto b=2`
     args, extra = parser.parse_known_args(argv)
@@ -210,7 +220,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+def cmd_eval(args: argparse.Namespace) -> int:
+    import lightning as L
+
+    from mmlightning import report, runs
+    from mmlightning.build import build_datamodule, build_task, build_trainer
+    from mmlightning.data_modules.image_folder import read_image_folder
+
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("ckpt=")]
+    overrides = [o for o in args.overrides if not o.startswith("ckpt=")]
+    if not (args.ckpt or given):
+        raise ConfigError("mml eval needs a checkpoint: --ckpt (or ckpt=) a .ckpt file or a run directory.")
+    if any(k < 1 for k in args.shots) or args.seeds < 1:
+        raise ConfigError(f"--shots and --seeds must be >= 1, got {args.shots} and {args.seeds}.")
+    ckpt = runs.eval_checkpoint(args.ckpt or given[-1])
+    cfg = C.resolve(C.load_recipe(args.recipe, overrides))
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    task = build_task(cfg, load_pretrained=False)  # the checkpoint holds every weight
+    datamodule = build_datamodule(cfg, task)
+    labelled = [datamodule.labelled_images()] if hasattr(datamodule, "labelled_images") else []
+    if args.image_folder:
+        recipe_templates = getattr(getattr(datamodule, "classes", None), "templates", None)
+        templates = args.template or recipe_templates or ["a photo of a {}."]
+        labelled.append(read_image_folder(args.image_folder, task.data_spec().image_config, templates, seed=cfg["seed"]))
+    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task)
+    results = trainer.test(task, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+    built = report.build_report(task, cfg["recipe"], ckpt, results[0] if results else {}, labelled,
+                                shots=tuple(args.shots), seeds=args.seeds)
+    if not trainer.is_global_zero:
+        return 0
+    paths = report.write_report(built, ckpt)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    wandb_run = report.log_to_wandb(built, paths, cfg, run_dir)
+    print(report.to_markdown(built))
+    for kind, path in paths.items():
+        print(f"{kind + ':':<10} {path}")
+    print(f"W&B run:   {wandb_run or '(W&B logger off)'}")
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -221,6 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmlightning import runs
     from mmlightning.build import build_task
     from mmlightning.data_modules.coco import load_image
+    from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES
     from mmlightning.data_modules.transforms import eval_transform
 
     cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
@@ -254,18 +301,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmlightning.export import load_task, to_open_clip
+    from mmlightning.export import FORMATS, load_task
 
     task, path = load_task(args.ckpt)
     if task.recipe.get("task") != "clip":
         raise ConfigError(f"mml export writes CLIP models; {path} is a {task.recipe.get('task')!r} task.")
-    out = to_open_clip(task, Path(args.out))
-    print(f"wrote {out}: load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+    write, how_to_load = FORMATS[args.format]
+    out = write(task, Path(args.out))
+    print(f"wrote {out}: load it with {how_to_load.format(out=out)}")
     return 0
 
 
 COMMANDS = {"ls": cmd_ls, "show": cmd_show, "cp": cmd_cp, "check": cmd_check, "fit": cmd_fit,
-            "validate": cmd_evaluate, "test": cmd_evaluate,
+            "validate": cmd_evaluate, "test": cmd_evaluate, "eval": cmd_eval,
             "predict": cmd_predict, "export": cmd_export}
 
 if __name__ == "__main__":

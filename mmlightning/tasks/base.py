@@ -167,6 +167,19 @@ class TaskModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.evaluate_epoch_end("test")
 
+    # ------------------------------------------------------------------ the perception report
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen image features for linear probes: the vision tower's pooled output,
+        L2-normalised (CLIP uses its projected embedding instead)."""
+        return torch.nn.functional.normalize(self.vision(images).pooled.float(), dim=-1)
+
+    def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+        """This task's part of the ``mml eval`` report (see report.py), from its test metrics
+        (keys without the ``test/`` prefix). By default one table of all of them."""
+        from mmlightning.report import section, table
+
+        return [section("Test metrics", test_metrics, [table(["metric", "value"], [[k, v] for k, v in test_metrics.items()])])]
+
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A table of examples (images as tensors normalised for the vision tower) in W&B, for
         reading what the model does, not only how much it scores."""

@@ -86,6 +86,15 @@ class CaptionTask(TaskModule):
             self.log_samples(f"{stage}/samples", ["image", "generated", "references"], self._table_rows)
             self._table_rows = []
 
+    def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+        from mmlightning.report import section, table
+
+        m = test_metrics
+        return [section("Captioning (test split)", {k: m[k] for k in ("BLEU-4", "CIDEr-D") if k in m},
+                        [table(["metric", "value"], [[k, v] for k, v in m.items()])],
+                        [f"Generation: {self.generation}. BLEU and CIDEr-D as pycocoevalcap computes them "
+                         "(tests compare), on PTB-style tokenised captions."])]
+
 
 def generation_options(options: dict[str, Any] | None) -> dict[str, Any]:
     from mmlightning.registry import ConfigError, did_you_mean

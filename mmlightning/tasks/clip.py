@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from mmlightning.encoders.weights import freeze_tower
 from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
 from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS, ConfigError
 from mmlightning.tasks.base import DataSpec, TaskModule
+
+if TYPE_CHECKING:
+    from mmlightning.data_modules.common import ZeroShotSpec
 
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 
@@ -152,21 +155,23 @@ class CLIPTask(TaskModule):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def build_zero_shot_classifier(self) -> None:
-        spec = getattr(getattr(self.trainer, "datamodule", None), "zero_shot", None)
-        self.classifier = None
-        if spec is None:
-            return
-        prompts = spec.prompts()  # classes x templates
+    def zero_shot_classifier(self, classes: ZeroShotSpec) -> torch.Tensor:
+        """(classes, dim): each class the normalised mean of its prompts' text embeddings."""
+        prompts = classes.prompts()  # classes x templates
         flat = [p for per_class in prompts for p in per_class]
         embeddings = []
         for chunk in range(0, len(flat), 512):
             tokens = tokenize(self.text.tokenizer, flat[chunk:chunk + 512], self.text.max_length)
             embeddings.append(self.encode_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)))
-        per_class = torch.cat(embeddings).view(len(prompts), len(spec.templates), -1).mean(1)
-        self.classifier = F.normalize(per_class, dim=-1)
-        for stage in ("val", "test"):
-            self.zero_shot[stage] = ZeroShotAccuracy(len(prompts), spec.groups).to(self.device)
+        per_class = torch.cat(embeddings).view(len(prompts), len(classes.templates), -1).mean(1)
+        return F.normalize(per_class, dim=-1)
+
+    def build_zero_shot_classifier(self) -> None:
+        spec = getattr(getattr(self.trainer, "datamodule", None), "zero_shot", None)
+        self.classifier = None if spec is None else self.zero_shot_classifier(spec)
+        if spec is not None:
+            for stage in ("val", "test"):
+                self.zero_shot[stage] = ZeroShotAccuracy(len(spec.classnames), spec.groups).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
         self.build_zero_shot_classifier()
@@ -180,6 +185,24 @@ class CLIPTask(TaskModule):
         self.retrieval[stage].update(image, batch["image_id"], text, batch["text_image_id"], batch["caption_id"], batch["text_id"])
         if self.classifier is not None and "label" in batch:
             self.zero_shot[stage].update(image @ self.classifier.T, batch["label"])
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(images).float()
+
+    def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+        from mmlightning.report import section, table
+
+        m, ks = test_metrics, self.retrieval["test"].ks
+        rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks]
+                for name, key, suffix in (("image→text", "i2t", ""), ("text→image", "t2i", ""),
+                                          ("image→text, caption-string match", "i2t", "_str"),
+                                          ("text→image, caption-string match", "t2i", "_str"))]
+        return [section("Retrieval (test split)",
+                        {"image→text R@1": m["i2t_R@1"], "text→image R@1": m["t2i_R@1"], "mean recall": m["mean_recall"]},
+                        [table(["direction"] + [f"R@{k}" for k in ks], rows, f"mean recall {m['mean_recall']:.4f}")],
+                        ["An image query hits at K if any of its captions is among the K nearest texts; a text "
+                         "query if its own image is among the K nearest images. Caption-string match also counts "
+                         "another image's identical caption."])]
 
     def evaluate_epoch_end(self, stage: str) -> None:
         metrics = dict(self.retrieval[stage].compute())

@@ -127,6 +127,21 @@ class VQATask(TaskModule):
                              self._table_rows)
             self._table_rows = []
 
+    def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
+        from mmlightning.report import section, table
+
+        m = test_metrics
+        names = ["all", *self.type_names, *self.group_names]
+        rows = [[name, m[key], m.get(f"blind_{key}", float("nan"))]
+                for name in names if (key := "acc" if name == "all" else f"acc_{name}") in m]
+        headline = {"VQA accuracy": m["acc"], "VQA blind baseline": m["blind_acc"]}
+        headline.update({f"VQA {g}": m[f"acc_{g}"] for g in self.group_names if f"acc_{g}" in m})
+        return [section("VQA accuracy (test split)", headline,
+                        [table(["question type", "model", "blind baseline"], rows)],
+                        ["Official VQA accuracy: min(1, matching annotators / 3), averaged over the 10 "
+                         "leave-one-out sets of 9 annotators. Blind baseline: the most common training answer "
+                         "for the question's type, without the image."])]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["vqa_answers"] = self.answers
