@@ -52,6 +52,11 @@ def test_readme_mml_commands_run(tmp_path: Path, fixtures: dict[str, Path]) -> N
                                                      (REPO / "README.md").read_text(), flags=re.S).group(1))
     (tmp_path / "my_images").mkdir()
     Image.fromarray(world.generate("test", 1).images[0]).save(tmp_path / "my_images" / "scene.png")
+    scenes = world.generate("test", 8, max_objects=1, heldout=())
+    for i, (image, scene) in enumerate(zip(scenes.images, scenes.scenes)):  # `--image-folder my_classes/`
+        folder = tmp_path / "my_classes" / ("round" if scene[0].shape == "circle" else "angular")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
     ran = 0
     for line in readme_commands():
         args = shlex.split(line.replace("path/to/all-MiniLM-L6-v2", str(fixtures["minilm"])))[1:]
@@ -68,6 +73,9 @@ def test_readme_mml_commands_run(tmp_path: Path, fixtures: dict[str, Path]) -> N
             args += tiny_overrides(recipe, fixtures) + ["logger.name=none"]
         elif command == "test":
             args += tiny_overrides(recipe, fixtures)
+        elif command == "eval":
+            args += tiny_overrides(recipe, fixtures) + ["data.num_labelled_train=192", "data.num_labelled_test=96",
+                                                        "--seeds", "1"]
         assert main(args) == 0, line
         ran += 1
     assert ran >= 12
