@@ -27,6 +27,7 @@ def import_components(imports: list[str] | None = None) -> None:
     import mmlightning.data_modules.coco  # noqa: F401
     import mmlightning.data_modules.coco_karpathy  # noqa: F401
     import mmlightning.data_modules.shapes  # noqa: F401
+    import mmlightning.data_modules.shards  # noqa: F401
     import mmlightning.data_modules.vqav2  # noqa: F401
     import mmlightning.encoders  # noqa: F401
     import mmlightning.fusion  # noqa: F401
@@ -180,7 +181,9 @@ class ProgressBar(RichProgressBar):
 
 
 def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
-                  enable_checkpointing: bool = True, task: Any = None) -> L.Trainer:
+                  enable_checkpointing: bool = True, task: Any = None, datamodule: Any = None) -> L.Trainer:
+    """``datamodule.callbacks()``, where a data module has one, joins the Trainer's callbacks
+    (e.g. the shard reader's bad-sample log)."""
     trainer_kwargs = dict(cfg.get("trainer") or {})
     check_kwargs(L.Trainer.__init__, trainer_kwargs, "trainer")
     if trainer_kwargs.get("strategy") == "ddp" and getattr(task, "leaves_parameters_unused", False):
@@ -202,6 +205,8 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
                           "loss and gradients as one batch that many times larger.")
     callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
                             NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop")]
+    if datamodule is not None and hasattr(datamodule, "callbacks"):
+        callbacks += datamodule.callbacks()
     plugins: list[Any] = []
     if not str(trainer_kwargs.get("strategy", "auto")).startswith(("fsdp", "deepspeed")):  # those save shards their own way
         plugins.append(AtomicCheckpointIO())

@@ -8,6 +8,8 @@
     mml validate|test RECIPE [key=value ...] --ckpt CKPT_OR_RUN_DIR
     mml eval RECIPE --ckpt CKPT_OR_RUN_DIR [--image-folder DIR --template T ...]   perception report
     mml predict RECIPE --ckpt CKPT_OR_RUN_DIR --images DIR [--out FILE]   caption images
+    mml export CKPT_OR_RUN_DIR --format open_clip|hf --out DIR
+    mml data write shapes|coco OUT [--format wds|coco|vqav2] ...   |   mml data inspect SHARDS
 
 RECIPE is a packaged recipe's name or a path to a YAML file. Overrides: ``key=value`` changes
 a key, ``+key=value`` adds one, ``~key`` removes one. ``ls``, ``show`` and ``cp`` never
@@ -71,6 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("ckpt", help="checkpoint file or run directory (its best checkpoint)")
     p.add_argument("--format", required=True, choices=["open_clip", "hf"])
     p.add_argument("--out", required=True, help="folder to write")
+    p = sub.add_parser("data", help="write datasets as webdataset shards, COCO or VQAv2 JSON; inspect shards")
+    data = p.add_subparsers(dest="action", required=True)
+    w = data.add_parser("write", help="write the shapes world or a COCO-captions dataset")
+    w.add_argument("source", choices=["shapes", "coco"])
+    w.add_argument("out", help="folder to write")
+    w.add_argument("--format", choices=["wds", "coco", "vqav2"], default="wds")
+    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard (wds)")
+    w.add_argument("--split", choices=["train", "val", "test"], default="train", help="shapes world split")
+    w.add_argument("--num", type=int, default=1000, help="shapes world images")
+    w.add_argument("--image-size", type=int, default=64, help="shapes world image size")
+    w.add_argument("--image-format", choices=["png", "jpg", "webp"], default="jpg", help="shapes world, wds")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--json", help="COCO captions JSON (source coco)")
+    w.add_argument("--images", help="its image folder (source coco)")
+    i = data.add_parser("inspect", help="count a shard set's samples and show a few")
+    i.add_argument("shards", help="folder, brace pattern (shard-{000000..000009}.tar) or URL")
+    i.add_argument("--show", type=int, default=3, help="captions to print")
     # overrides may come before or after options: `mml fit R a=1 --resume auto b=2`
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
@@ -165,7 +184,7 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     task = build_task(cfg, load_pretrained=ckpt_path is None)
     datamodule = build_datamodule(cfg, task)
-    trainer = build_trainer(cfg, run_dir, wandb_id, task=task)
+    trainer = build_trainer(cfg, run_dir, wandb_id, task=task, datamodule=datamodule)
     start = time.time()
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -209,7 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     task = build_task(cfg, load_pretrained=not args.ckpt)
     datamodule = build_datamodule(cfg, task)
-    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task)
+    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task, datamodule=datamodule)
     ckpt = str(runs.eval_checkpoint(args.ckpt)) if args.ckpt else None
     if ckpt is None:
         print("note: no --ckpt given; evaluating freshly initialised weights", file=sys.stderr)
@@ -243,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         recipe_templates = getattr(getattr(datamodule, "classes", None), "templates", None)
         templates = args.template or recipe_templates or ["a photo of a {}."]
         labelled.append(read_image_folder(args.image_folder, task.data_spec().image_config, templates, seed=cfg["seed"]))
-    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task)
+    trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task, datamodule=datamodule)
     results = trainer.test(task, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
     built = report.build_report(task, cfg["recipe"], ckpt, results[0] if results else {}, labelled,
                                 shots=tuple(args.shots), seeds=args.seeds)
@@ -312,9 +331,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    import json
+
+    from mmlightning.data_modules import write
+
+    if args.action == "inspect":
+        summary = write.inspect_shards(args.shards, args.show)
+    elif args.source == "coco":
+        if args.format != "wds" or not (args.json and args.images):
+            raise ConfigError("mml data write coco writes shards (--format wds) and needs --json FILE --images DIR.")
+        summary = write.write_shards(write.coco_pairs(args.json, args.images), args.out, args.shard_size)
+    elif args.format == "wds":
+        pairs = write.shapes_pairs(args.split, args.num, args.seed, args.image_size, args.image_format)
+        summary = write.write_shards(pairs, args.out, args.shard_size)
+    else:
+        writer = write.write_coco if args.format == "coco" else write.write_vqav2
+        summary = writer(args.split, args.num, args.seed, args.image_size, args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 COMMANDS = {"ls": cmd_ls, "show": cmd_show, "cp": cmd_cp, "check": cmd_check, "fit": cmd_fit,
             "validate": cmd_evaluate, "test": cmd_evaluate, "eval": cmd_eval,
-            "predict": cmd_predict, "export": cmd_export}
+            "predict": cmd_predict, "export": cmd_export, "data": cmd_data}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,6 +39,7 @@ class RetrievalRecall(Metric):
         _, tfirst = _unique_first(cat(self.text_ids))
         texts = cat(self.text_features)[tfirst]
         owner, cap = cat(self.text_image_ids)[tfirst], cat(self.caption_ids)[tfirst]
+        cap = torch.unique(cap, return_inverse=True)[1]  # dense: streamed data hashes captions to 63-bit ids
         # dense row numbers for image ids, so (image, caption string) pairs hash to one int
         row_of = {int(i): r for r, i in enumerate(image_ids.tolist())}
         owner_row = torch.tensor([row_of[int(i)] for i in owner.tolist()], device=texts.device)

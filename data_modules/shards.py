@@ -1,0 +1,532 @@
+"""Image-text pairs in webdataset tar shards, streamed by every rank and loader worker.
+
+A shard is a tar of samples grouped by key: ``<key>.jpg|png|webp`` and ``<key>.txt`` (one
+caption) or ``<key>.json`` (``{"caption": ...}`` or ``{"captions": [...]}``). ``sizes.json``
+beside the shards (open_clip's convention, written by ``mml data``) gives each shard's sample
+count; without it the shards are counted once at start-up.
+
+**Finite epochs** (``mode: epochs``): the epoch's order is the shards permuted from (seed,
+epoch), one sample stream; each of the ``ranks x workers`` readers takes one contiguous
+slice of it, so every sample belongs to exactly one reader, and a reader opens only the
+shards its slice covers. Evaluation reads every sample exactly once. Training also shuffles
+within a reader (a seeded buffer) and gives every reader the same number of full batches,
+which DDP's lockstep and contrastive losses need: each reader drops the last few samples of
+its slice that do not fill a batch (fewer than ``batch_size`` + 1 per reader, different ones
+each epoch) and refills batches lost to bad samples from the start of its slice again
+(counted as ``repeated``).
+
+**Resampled streams** (``mode: resampled``): each reader draws shards with replacement from
+(seed, epoch, reader); an epoch is ``samples_per_epoch`` samples.
+
+**Bad samples** (undecodable or missing image, missing or empty caption, samples lost to a
+truncated or unreadable shard) are skipped and counted by kind; the counts are logged each
+epoch (``data/skipped_<kind>``), and the run stops with an error naming the counts and an
+example once skips pass ``max_bad_fraction`` of an epoch (default 1%). ``strict: true`` stops
+at the first one instead, naming the shard and the key.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmlightning.data_modules.transforms import eval_transform, train_transform
+from mmlightning.encoders.outputs import ImageConfig
+from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.registry import DATA_MODULES, ConfigError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SKIP_KINDS = ("bad_image", "missing_image", "missing_caption", "empty_caption", "truncated", "repeated")
+SIZES_FILE = "sizes.json"
+
+
+class BadSample(Exception):
+    def __init__(self, kind: str, where: str, detail: str = "") -> None:
+        super().__init__(f"{kind.replace('_', ' ')}: {where}{': ' + detail if detail else ''}")
+        self.kind, self.where = kind, where
+
+
+# ---------------------------------------------------------------------- shards on disk
+def expand_shards(spec: str | list[str], key: str) -> list[str]:
+    """Shard URLs from brace patterns (``data/shard-{000000..000009}.tar``), a folder of
+    ``*.tar``, or a list of either; local paths must exist, fsspec URLs (``s3://...``) are
+    opened as they are read."""
+    from braceexpand import braceexpand
+
+    urls: list[str] = []
+    for item in [spec] if isinstance(spec, str) else list(spec or []):
+        item = str(item)
+        if "://" not in item and Path(item).is_dir():
+            urls += sorted(str(p) for p in Path(item).glob("*.tar"))
+        else:
+            urls += list(braceexpand(item))
+    if not urls:
+        raise ConfigError(f"{key}: no shards in {spec!r}.")
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: {len(missing)} shard(s) missing, e.g. {missing[0]!r}.")
+    return urls
+
+
+def open_shard(url: str) -> io.BufferedIOBase:
+    if "://" in url:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb")
+
+
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard in order (webdataset's tar reader and key grouping). A tar
+    that ends early or cannot be read raises ``tarfile.TarError`` / ``OSError`` after the
+    samples before the damage."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open_shard(url) as stream:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+
+
+def count_samples(url: str) -> int:
+    n = 0
+    try:
+        for _ in shard_samples(url):
+            n += 1
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return n
+
+
+def shard_sizes(urls: list[str]) -> list[int]:
+    """Samples per shard from ``sizes.json`` next to the shards, else by reading them."""
+    sizes: dict[str, int] = {}
+    for folder in {u.rsplit("/", 1)[0] if "/" in u else "." for u in urls}:
+        path = f"{folder}/{SIZES_FILE}"
+        try:
+            with open_shard(path) as f:
+                sizes.update({f"{folder}/{k}": int(v) for k, v in json.load(f).items()})
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+    return [sizes[u] if u in sizes else count_samples(u) for u in urls]
+
+
+# ---------------------------------------------------------------------- one sample
+def decode_image(data: bytes, size: int) -> Image.Image:
+    """PIL decode; a JPEG at least twice the target size is decoded at a reduced scale
+    (``draft``: the DCT skips the detail the resize would throw away), several times faster."""
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        image.draft("RGB", (size, size))
+    return image.convert("RGB")
+
+
+def sample_captions(sample: dict[str, Any], where: str) -> list[str]:
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        captions = meta.get("captions") or ([meta["caption"]] if "caption" in meta else None)
+        if captions is None and "txt" not in sample:
+            raise BadSample("missing_caption", where, "json has no 'caption' or 'captions'")
+    else:
+        captions = None
+    if captions is None:
+        if "txt" not in sample:
+            raise BadSample("missing_caption", where)
+        captions = [sample["txt"].decode("utf-8")]
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise BadSample("empty_caption", where)
+    return captions
+
+
+def sample_image(sample: dict[str, Any], where: str, transform: Callable, size: int) -> torch.Tensor:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise BadSample("missing_image", where)
+    try:
+        return transform(decode_image(sample[ext], size))
+    except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on damaged files
+        raise BadSample("bad_image", where, str(err).splitlines()[0]) from None
+
+
+def caption_hash(caption: str) -> int:
+    """Equal caption strings get equal ids in every reader (64-bit FNV-1a, made positive)."""
+    h = 0xCBF29CE484222325
+    for byte in caption.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+# ---------------------------------------------------------------------- the stream
+class ShardStream(IterableDataset):
+    """Yields whole batches (built in the loader worker) in the layout of common.py, plus
+    ``skipped`` (this reader's counts this epoch, one per SKIP_KINDS) and ``reader``, which
+    the data module takes off before the batch reaches the model."""
+
+    def __init__(self, urls: list[str], sizes: list[int], train: bool, batch_size: int, tokenizer: Any,
+                 max_length: int, image_config: ImageConfig, seed: int, mode: str = "epochs",
+                 samples_per_epoch: int | None = None, shuffle_buffer: int = 1000, strict: bool = False,
+                 crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
+        self.urls, self.sizes, self.train, self.batch_size = urls, sizes, train, batch_size
+        self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
+        self.seed, self.mode, self.samples_per_epoch = seed, mode, samples_per_epoch
+        self.shuffle_buffer, self.strict = shuffle_buffer if train else 0, strict
+        self.transform = train_transform(image_config, crop_scale) if train else eval_transform(image_config)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # global sample ids: shard order as listed
+        self.epoch, self.skip_batches = 0, 0
+        self.world, self.rank = 1, 0
+
+    # how the epoch is divided ------------------------------------------------------------
+    def readers(self) -> tuple[int, int]:
+        """(this reader's index, number of readers) over all ranks and loader workers."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return self.rank * workers + worker, self.world * workers
+
+    def batches_per_reader(self, readers: int) -> int:
+        total = self.samples_per_epoch if self.mode == "resampled" else int(self.offsets[-1])
+        return (total // readers) // self.batch_size
+
+    def slice_plan(self, reader: int, readers: int, epoch: int) -> list[tuple[int, int, int]]:
+        """(shard, first, end) sample ranges this reader reads this epoch, in order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.urls)) if self.train else np.arange(len(self.urls))
+        total = int(self.offsets[-1])
+        lo, hi = reader * total // readers, (reader + 1) * total // readers
+        plan, start = [], 0
+        for shard in order:
+            size = self.sizes[shard]
+            first, end = max(lo - start, 0), min(hi - start, size)
+            if first < end:
+                plan.append((int(shard), first, end))
+            start += size
+        return plan
+
+    # reading ------------------------------------------------------------------------------
+    def read(self, plan: Any, counts: dict[str, int],
+             examples: list[str]) -> Iterator[tuple[torch.Tensor, list[str], int]]:
+        """(image, captions, global sample id) for each good sample of the planned
+        (shard, first, end) ranges."""
+        for shard, first, end in plan:
+            url, seen, error = self.urls[shard], 0, None
+            try:
+                for sample in shard_samples(url):
+                    if seen >= end:
+                        break
+                    position, seen = seen, seen + 1
+                    if position < first:
+                        continue
+                    where = f"{url} key {sample.get('__key__')!r}"
+                    try:
+                        captions = sample_captions(sample, where)
+                        image = sample_image(sample, where, self.transform, self.image_config.size)
+                    except BadSample as bad:
+                        self.note(bad, counts, examples)
+                        continue
+                    yield image, captions, int(self.offsets[shard]) + position
+            except (tarfile.TarError, OSError, EOFError) as err:
+                error = f"{type(err).__name__}: {err}"
+            if seen < end:  # damaged, or shorter than sizes.json says
+                lost = end - max(first, seen)
+                self.note(BadSample("truncated", url, f"{error or 'ends early'}; {lost} sample(s) lost"), counts,
+                          examples, lost)
+
+    def note(self, bad: BadSample, counts: dict[str, int], examples: list[str], n: int = 1) -> None:
+        if self.strict:
+            raise ConfigError(f"data (strict): {bad}")
+        counts[bad.kind] += n
+        if len(examples) < 3:
+            examples.append(str(bad))
+
+    def resampled_plan(self, reader: int, epoch: int) -> Iterator[tuple[int, int, int]]:
+        rng = np.random.default_rng([self.seed, epoch, reader, 1])
+        while True:
+            shard = int(rng.integers(len(self.urls)))
+            yield shard, 0, self.sizes[shard]
+
+    def shuffled(self, items: Iterator[Any], reader: int, epoch: int) -> Iterator[Any]:
+        """A seeded shuffle buffer: items leave in random order once the buffer is full."""
+        if not self.shuffle_buffer:
+            yield from items
+            return
+        rng = np.random.default_rng([self.seed, epoch, reader, 2])
+        buffer: list[Any] = []
+        for item in items:
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # the epoch and resume point as they are now: the generator body runs later
+        return self.generate(self.epoch, self.skip_batches)
+
+    def generate(self, epoch: int, skip_batches: int) -> Iterator[dict[str, Any]]:
+        reader, readers = self.readers()
+        # the loader takes batches from its workers in turn, starting with worker 0: after
+        # `skip_batches`, worker w plays the part worker (w + skip_batches) % workers had
+        workers = readers // self.world
+        role = (reader % workers + skip_batches) % workers
+        reader = reader - reader % workers + role
+        if get_worker_info() is not None:  # random crops follow (seed, epoch, reader), whichever process draws them
+            torch.manual_seed(int(np.random.default_rng([self.seed, epoch, reader, 4]).integers(2**62)))
+        counts = dict.fromkeys(SKIP_KINDS, 0)
+        examples: list[str] = []
+        plan: Any = self.resampled_plan(reader, epoch) if self.mode == "resampled" else \
+            self.slice_plan(reader, readers, epoch)
+        samples = self.shuffled(self.read(plan, counts, examples), reader, epoch)
+        if not self.train:  # every sample once, the last batch short
+            yield from self.batches(samples, counts, examples, reader, epoch, limit=None)
+            return
+        quota = self.batches_per_reader(readers)
+        if self.mode == "epochs":
+            samples = self.refilled(samples, plan, counts, examples, quota * self.batch_size)
+        # a resumed epoch replays the batches already trained on (same order, same crops), unseen
+        done = len(range(role, skip_batches, workers))
+        for i, batch in enumerate(self.batches(samples, counts, examples, reader, epoch, limit=quota)):
+            if i >= done:
+                yield batch
+
+    def refilled(self, samples: Iterator[Any], plan: list[tuple[int, int, int]], counts: dict[str, int],
+                 examples: list[str], needed: int) -> Iterator[Any]:
+        given = 0
+        for item in samples:
+            yield item
+            given += 1
+        while given < needed:  # bad samples left the reader short: take good ones again from its slice
+            again = 0
+            for item in self.read(plan, dict.fromkeys(SKIP_KINDS, 0), []):
+                if given >= needed:
+                    return
+                counts["repeated"] += 1
+                again += 1
+                given += 1
+                yield item
+            if not again:
+                raise ConfigError(f"data: no readable sample in this reader's shards ({examples[:1]}).")
+
+    def batches(self, samples: Iterator[tuple[torch.Tensor, list[str], int]], counts: dict[str, int],
+                examples: list[str], reader: int, epoch: int, limit: int | None) -> Iterator[dict[str, Any]]:
+        chunk: list[tuple[torch.Tensor, list[str], int]] = []
+        made = 0
+        rng = np.random.default_rng([self.seed, epoch, reader, 3])
+        for item in samples:
+            chunk.append(item)
+            if len(chunk) == self.batch_size:
+                yield self.collate(chunk, counts, examples, reader, rng)
+                chunk, made = [], made + 1
+                if limit is not None and made >= limit:
+                    return
+        if chunk and limit is None:
+            yield self.collate(chunk, counts, examples, reader, rng)
+
+    def collate(self, items: list[tuple[torch.Tensor, list[str], int]], counts: dict[str, int], examples: list[str],
+                reader: int, rng: np.random.Generator) -> dict[str, Any]:
+        images = torch.stack([image for image, _, _ in items])
+        image_id = torch.tensor([sid for _, _, sid in items], dtype=torch.long)
+        batch: dict[str, Any] = {"image": images, "image_id": image_id,
+                                 "skipped": torch.tensor([counts[k] for k in SKIP_KINDS]), "reader": reader,
+                                 "skipped_examples": list(examples)}
+        if self.train:  # one caption per image, drawn when an image has several
+            captions = [caps[int(rng.integers(len(caps)))] for _, caps, _ in items]
+            tokens = tokenize(self.tokenizer, captions, self.max_length)
+            batch.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                         caption_id=torch.tensor([caption_hash(c) for c in captions]))
+            return batch
+        flat = [(sid, k, c) for _, caps, sid in items for k, c in enumerate(caps)]
+        tokens = tokenize(self.tokenizer, [c for _, _, c in flat], self.max_length)
+        batch.update(label=torch.full((len(items),), -1), input_ids=tokens["input_ids"],
+                     attention_mask=tokens["attention_mask"],
+                     text_image_id=torch.tensor([sid for sid, _, _ in flat]),
+                     caption_id=torch.tensor([caption_hash(c) for _, _, c in flat]),
+                     text_id=torch.tensor([sid * 64 + k for sid, k, _ in flat]),
+                     references=[caps for _, caps, _ in items])
+        return batch
+
+
+class ShardLoader(DataLoader):
+    """Sets the stream's epoch (and rank) before the workers start; Lightning keeps its
+    ``state_dict`` in checkpoints, so a resumed epoch continues after the batches done."""
+
+    def __init__(self, stream: ShardStream, epoch: Callable[[], int], batches_done: Callable[[], int],
+                 num_workers: int) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
+        self.epoch, self.batches_done = epoch, batches_done
+
+    def __iter__(self):
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        stream.world, stream.rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
+            if distributed else (1, 0)
+        epoch = self.epoch()
+        if epoch != stream.epoch:
+            stream.epoch, stream.skip_batches = epoch, 0
+        iterator = super().__iter__()  # workers (or the generator) took the epoch and resume point
+        stream.skip_batches = 0  # only the first epoch after a resume starts part-way
+        return iterator
+
+    def __len__(self) -> int:
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        if not stream.train:
+            raise TypeError("evaluation streams have no fixed length")
+        workers = max(1, self.num_workers)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        return stream.batches_per_reader(world * workers) * workers
+
+    def state_dict(self) -> dict[str, int]:
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        done = self.batches_done()
+        if done >= len(self):
+            return {"epoch": stream.epoch + 1, "batches_done": 0}
+        return {"epoch": stream.epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        stream: ShardStream = self.dataset  # type: ignore[assignment]
+        stream.epoch, stream.skip_batches = state["epoch"], state["batches_done"]
+
+
+@DATA_MODULES.register("wds_captions")
+class ShardCaptionData(L.LightningDataModule):
+    """Image-caption pairs from webdataset shards, for CLIP and captioning recipes (the
+    batches carry both layouts). See the module docstring for epochs, resampling and bad
+    samples."""
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, train_shards: Any,
+                 val_shards: Any = None, test_shards: Any = None, mode: str = "epochs",
+                 samples_per_epoch: int | None = None, batch_size: int = 256, eval_batch_size: int = 256,
+                 num_workers: int = 4, shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01,
+                 strict: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
+        super().__init__()
+        if mode not in ("epochs", "resampled"):
+            raise ConfigError(f"data.mode: {mode!r} is not one of epochs, resampled.")
+        if mode == "resampled" and not samples_per_epoch:
+            raise ConfigError("data.mode=resampled needs data.samples_per_epoch (the sampling has no end).")
+        if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
+            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1 and data.num_workers >= 0, got "
+                              f"{batch_size}, {eval_batch_size}, {num_workers}.")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}.")
+        self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
+        self.shards = {"train": train_shards, "val": val_shards, "test": test_shards}
+        self.mode, self.samples_per_epoch, self.shuffle_buffer = mode, samples_per_epoch, shuffle_buffer
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.max_bad_fraction, self.strict, self.crop_scale = max_bad_fraction, strict, tuple(crop_scale)
+        self.zero_shot = None
+        self.streams: dict[str, ShardStream] = {}
+        self.skipped: dict[str, dict[int, torch.Tensor]] = {}  # split -> reader -> its latest counts
+        self.examples: dict[str, list[str]] = {}
+
+    shuffle_seed = 0  # build_datamodule sets the run's seed
+
+    def stream(self, split: str) -> ShardStream:
+        if split not in self.streams:
+            spec = self.shards[split]
+            if not spec:
+                raise ConfigError(f"data.{split}_shards is not set.")
+            urls = expand_shards(spec, f"data.{split}_shards")
+            train = split == "train"
+            self.streams[split] = ShardStream(
+                urls, shard_sizes(urls), train, self.batch_size if train else self.eval_batch_size, self.tokenizer,
+                self.max_length, self.image_config, self.shuffle_seed, self.mode if train else "epochs",
+                self.samples_per_epoch, self.shuffle_buffer, self.strict, self.crop_scale)
+        return self.streams[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ()):
+            if self.shards[split]:
+                self.stream(split)
+
+    def train_batches_per_rank(self) -> int:
+        stream = self.stream("train")
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        workers = max(1, self.num_workers)
+        return stream.batches_per_reader(world * workers) * workers
+
+    def _loader(self, split: str) -> ShardLoader:
+        trainer = self.trainer
+        epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+        done = (lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed) if trainer is not None \
+            else (lambda: 0)
+        return ShardLoader(self.stream(split), epoch, done, self.num_workers)
+
+    def train_dataloader(self) -> ShardLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> ShardLoader | list:
+        return self._loader("val") if self.shards["val"] else []
+
+    def test_dataloader(self) -> ShardLoader | list:
+        return self._loader("test") if self.shards["test"] else []
+
+    # bad-sample accounting (main process) ----------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "skipped" not in batch:
+            return batch
+        trainer = self.trainer
+        split = "train" if trainer is None or trainer.training else ("val" if trainer.validating or trainer.sanity_checking
+                                                                     else "test")
+        self.skipped.setdefault(split, {})[batch.pop("reader")] = batch.pop("skipped")
+        examples = batch.pop("skipped_examples")
+        if examples:
+            self.examples[split] = (self.examples.get(split, []) + examples)[-3:]
+        if split == "train":
+            self.check_budget()
+        return batch
+
+    def skipped_counts(self, split: str) -> torch.Tensor:
+        readers = self.skipped.get(split, {})
+        return torch.stack(list(readers.values())).sum(0) if readers else torch.zeros(len(SKIP_KINDS), dtype=torch.long)
+
+    def check_budget(self) -> None:
+        stream = self.streams["train"]
+        per_rank = (stream.samples_per_epoch if stream.mode == "resampled" else int(stream.offsets[-1])) / stream.world
+        counts = self.skipped_counts("train")
+        bad = int(counts[: SKIP_KINDS.index("repeated")].sum())
+        if bad > self.max_bad_fraction * per_rank:
+            kinds = ", ".join(f"{k} {int(n)}" for k, n in zip(SKIP_KINDS, counts.tolist()) if n)
+            raise ConfigError(f"data: {bad} bad samples this epoch on this rank ({kinds}), more than "
+                              f"data.max_bad_fraction={self.max_bad_fraction} of its {per_rank:.0f}; e.g. "
+                              f"{'; '.join(self.examples.get('train', []))}. Raise the fraction, or run "
+                              f"`mml data inspect` on the shards.")
+
+    def end_of_epoch(self, split: str) -> dict[str, torch.Tensor]:
+        counts = self.skipped_counts(split)
+        self.skipped.pop(split, None)
+        return {f"data/{split}_skipped_{kind}": n for kind, n in zip(SKIP_KINDS, counts)}
+
+    def callbacks(self) -> list[L.Callback]:
+        return [SkippedSamplesLog()]
+
+
+class SkippedSamplesLog(L.Callback):
+    """Logs each epoch's bad-sample counts, summed over ranks (one collective per epoch)."""
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+        datamodule = trainer.datamodule
+        counts = datamodule.end_of_epoch(split)
+        for key, value in counts.items():
+            total = trainer.strategy.reduce(value.to(pl_module.device).float(), reduce_op="sum")
+            pl_module.log(key, total, rank_zero_only=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
