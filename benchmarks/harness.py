@@ -20,10 +20,33 @@ import lightning as L
 import torch
 
 
+def _run_and_send(queue: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException:
+        import traceback
+
+        queue.put(("error", traceback.format_exc()))
+
+
 def isolated(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in a freshly spawned Python process; returns its (picklable) result."""
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    """``fn(*args)`` in a freshly spawned Python process; returns its (picklable) result. Not
+    a Pool worker: those are daemonic and may not start DataLoader workers of their own."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_run_and_send, args=(queue, fn, args))
+    process.start()
+    while True:  # the child's result, or its death without one (killed, out of memory)
+        try:
+            status, result = queue.get(timeout=5)
+            break
+        except Exception:  # queue.Empty
+            if not process.is_alive():
+                raise RuntimeError(f"{fn.__name__} died with exit code {process.exitcode}") from None
+    process.join()
+    if status == "error":
+        raise RuntimeError(f"{fn.__name__} failed in its process:\n{result}")
+    return result
 
 
 def interleaved(sides: dict[str, Callable[..., Any]], repeats: int, *args: Any) -> dict[str, list[Any]]:

@@ -172,6 +172,32 @@ def vqav2_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fixtures(coco_fixture: Path, karpathy_fixture: Path, vqav2_fixture: Path, minilm_dir: Path) -> dict[str, Path]:
+def fixtures(coco_fixture: Path, karpathy_fixture: Path, vqav2_fixture: Path, shards_fixture: Path,
+             minilm_dir: Path) -> dict[str, Path]:
     """Every generated dataset and local model, by the names tests/tiny.py uses."""
-    return {"coco": coco_fixture, "karpathy": karpathy_fixture, "vqav2": vqav2_fixture, "minilm": minilm_dir}
+    return {"coco": coco_fixture, "karpathy": karpathy_fixture, "vqav2": vqav2_fixture, "shards": shards_fixture,
+            "minilm": minilm_dir}
+
+
+@pytest.fixture(scope="session")
+def shards_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Webdataset shards as other tools write them (webdataset's own TarWriter, JPEG + txt,
+    no sizes.json): train/ (3 shards) and val/ (1)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from mmlightning.data_modules import shapes_world as world
+
+    root = tmp_path_factory.mktemp("shards")
+    for split, n, per_shard in (("train", 48, 16), ("val", 16, 16)):
+        (root / split).mkdir()
+        scenes = world.generate("train" if split == "train" else "val", n, seed=4, image_size=64)
+        for shard in range(n // per_shard):
+            with wds.TarWriter(str(root / split / f"{split}-{shard:04d}.tar")) as sink:
+                for i in range(shard * per_shard, (shard + 1) * per_shard):
+                    buffer = io.BytesIO()
+                    Image.fromarray(scenes.images[i]).save(buffer, format="JPEG", quality=90)
+                    sink.write({"__key__": f"{i:06d}", "jpg": buffer.getvalue(), "txt": scenes.captions[i][0]})
+    return root

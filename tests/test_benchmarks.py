@@ -40,3 +40,11 @@ def test_loss_scaling_table() -> None:
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+64\s", line)]
     assert [(r[0], r[3], r[4]) for r in rows] == [("1", "True", "64x64"), ("2", "True", "64x128"),
                                                    ("2", "False", "128x128")]
+
+
+@pytest.mark.slow
+def test_decode_prints_ratio_and_paths() -> None:
+    out = run("decode.py", "--images", "128", "--per-shard", "64", "--batch-size", "16", "--repeats", "1")
+    assert re.search(r"open_clip\s+\d+\.\d images/s per worker", out)
+    assert re.search(r"decode ratio \(mmlightning / open_clip\) \d+\.\d{3}", out)
+    assert "PIL, draft (reduced DCT)" in out and "torchvision decode_jpeg" in out

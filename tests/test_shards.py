@@ -221,3 +221,13 @@ def test_a_resumed_epoch_continues_after_the_batches_done(tmp_path: Path, minilm
     first_epoch = ShardLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: 0,
                               batches_done=lambda: 0, num_workers=2)
     assert [b["image_id"].tolist() for b in first_epoch] != [b["image_id"].tolist() for b in full]
+
+
+def test_captioning_trains_on_shards_by_data_override(fixtures: dict[str, Path]) -> None:
+    shards = fixtures["shards"]
+    data = (f"data={{name: wds_captions, train_shards: {shards}/train, val_shards: {shards}/val, "
+            f"test_shards: {shards}/val, batch_size: 8, eval_batch_size: 8, num_workers: 0}}")
+    assert main(["fit", "caption-shapes", data, "trainer.max_steps=3", "model.generation.max_new_tokens=4",
+                 "model.generation.num_beams=1", "logger.name=none", "run.name=c"]) == 0
+    summary = json.loads(Path("runs/c/summary.json").read_text())
+    assert "test/CIDEr-D" in summary["test"] and summary["global_step"] == 3

@@ -57,10 +57,19 @@ def karpathy_overrides(karpathy: Path, minilm: Path) -> list[str]:
     ]
 
 
+def shards_overrides(shards: Path, minilm: Path) -> list[str]:
+    return [
+        *tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16", f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/val", f"data.test_shards={shards}/val/val-{{0000..0000}}.tar",
+        "data.batch_size=8", "data.eval_batch_size=8", "data.shuffle_buffer=16", *TINY_STEPS,
+    ]
+
+
 def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
     table = {
         "clip-shapes": lambda: SHAPES_CLIP,
         "clip-coco": lambda: coco_overrides(fx["coco"], fx["minilm"]),
+        "clip-wds": lambda: shards_overrides(fx["shards"], fx["minilm"]),
         "vqa-shapes": lambda: SHAPES_VQA,
         "vqa-vqav2": lambda: vqav2_overrides(fx["vqav2"], fx["minilm"]),
         "caption-shapes": lambda: SHAPES_CAPTION,
