@@ -424,6 +424,9 @@ class ShardCaptionData(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_bad_fraction, self.strict, self.crop_scale = max_bad_fraction, strict, tuple(crop_scale)
         self.zero_shot = None
+        for split, spec in self.shards.items():  # a mistyped path fails now, not after training
+            if spec:
+                expand_shards(spec, f"data.{split}_shards")
         self.streams: dict[str, ShardStream] = {}
         self.skipped: dict[str, dict[int, torch.Tensor]] = {}  # split -> reader -> its latest counts
         self.examples: dict[str, list[str]] = {}

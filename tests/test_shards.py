@@ -49,7 +49,7 @@ class RecordingCLIP(CLIPTask):
 
 def wds_overrides(minilm: Path, train: Path, val: Path) -> list[str]:
     return [*tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16", f"data.train_shards={train}",
-            f"data.val_shards={val}", "data.batch_size=10", "data.eval_batch_size=7", "data.shuffle_buffer=20",
+            f"data.val_shards={val}", f"data.test_shards={val}", "data.batch_size=10", "data.eval_batch_size=7", "data.shuffle_buffer=20",
             "scheduler.warmup_steps=2", "trainer.log_every_n_steps=2", "trainer.num_sanity_val_steps=0"]
 
 
@@ -166,7 +166,7 @@ def test_clip_wds_fits_and_resumes_on_written_shards(tmp_path: Path, minilm_dir:
     write(["train", "--num", "80", "--shard-size", "16", "--image-size", "32"])
     write(["val", "--split", "val", "--num", "20", "--image-size", "32"])
     overrides = [*wds_overrides(minilm_dir, tmp_path / "train", tmp_path / "val"), "data.num_workers=0",
-                 "data.test_shards=val", "logger.name=none"]
+                 "logger.name=none"]
     assert main(["fit", "clip-wds", *overrides, "trainer.max_epochs=2", "run.name=w"]) == 0
     summary = json.loads((tmp_path / "runs" / "w" / "summary.json").read_text())
     assert summary["global_step"] == 16 and "test/i2t_R@1" in summary["test"]
