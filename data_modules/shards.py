@@ -13,16 +13,18 @@ within a reader (a seeded buffer) and gives every reader the same number of full
 which DDP's lockstep and contrastive losses need: each reader drops the last few samples of
 its slice that do not fill a batch (fewer than ``batch_size`` + 1 per reader, different ones
 each epoch) and refills batches lost to bad samples from the start of its slice again
-(counted as ``repeated``).
+(counted as ``repeated``). A reader that yields no batch at all cannot report its counts.
 
 **Resampled streams** (``mode: resampled``): each reader draws shards with replacement from
 (seed, epoch, reader); an epoch is ``samples_per_epoch`` samples.
 
-**Bad samples** (undecodable or missing image, missing or empty caption, samples lost to a
-truncated or unreadable shard) are skipped and counted by kind; the counts are logged each
-epoch (``data/skipped_<kind>``), and the run stops with an error naming the counts and an
-example once skips pass ``max_bad_fraction`` of an epoch (default 1%). ``strict: true`` stops
-at the first one instead, naming the shard and the key.
+**Bad samples** (undecodable or missing image, malformed, missing or empty caption, samples
+lost to a truncated or unreadable shard) are skipped and counted by kind; the counts are
+logged each epoch summed over ranks (``data/<split>_skipped_<kind>``), and the run stops on
+every rank with an error naming the counts and examples once skips pass ``max_bad_fraction``
+of an epoch (default 1%), checked every ``log_every_n_steps``. ``strict: true`` stops at the
+first one instead (at once in one process without loader workers; else at the next batch),
+naming the shard and the key.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.registry import DATA_MODULES, ConfigError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SKIP_KINDS = ("bad_image", "missing_image", "missing_caption", "empty_caption", "truncated", "repeated")
+SKIP_KINDS = ("bad_image", "missing_image", "bad_caption", "missing_caption", "empty_caption", "truncated", "repeated")
+BAD_KINDS = SKIP_KINDS[:-1]  # "repeated" counts refills, not bad samples
 SIZES_FILE = "sizes.json"
 
 
@@ -132,17 +135,22 @@ def decode_image(data: bytes, size: int) -> Image.Image:
 
 
 def sample_captions(sample: dict[str, Any], where: str) -> list[str]:
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        captions = meta.get("captions") or ([meta["caption"]] if "caption" in meta else None)
-        if captions is None and "txt" not in sample:
-            raise BadSample("missing_caption", where, "json has no 'caption' or 'captions'")
-    else:
-        captions = None
+    """``json``'s ``captions`` (a list) or ``caption``, else ``txt``."""
+    captions = None
+    try:
+        if "json" in sample:
+            meta = json.loads(sample["json"])
+            if not isinstance(meta, dict):
+                raise ValueError(f"json is a {type(meta).__name__}, not an object")
+            captions = meta.get("captions") or ([meta["caption"]] if "caption" in meta else None)
+            if captions is not None and not isinstance(captions, list):
+                raise ValueError(f"'captions' is a {type(captions).__name__}, not a list")
+        if captions is None and "txt" in sample:
+            captions = [sample["txt"].decode("utf-8")]
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise BadSample("bad_caption", where, str(err).splitlines()[0]) from None
     if captions is None:
-        if "txt" not in sample:
-            raise BadSample("missing_caption", where)
-        captions = [sample["txt"].decode("utf-8")]
+        raise BadSample("missing_caption", where, "no txt, and no 'caption' or 'captions' in json")
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         raise BadSample("empty_caption", where)
@@ -150,6 +158,7 @@ def sample_captions(sample: dict[str, Any], where: str) -> list[str]:
 
 
 def sample_image(sample: dict[str, Any], where: str, transform: Callable, size: int) -> torch.Tensor:
+    """``size``: the smallest side the transform needs before it crops (see ShardStream)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise BadSample("missing_image", where)
@@ -182,6 +191,9 @@ class ShardStream(IterableDataset):
         self.seed, self.mode, self.samples_per_epoch = seed, mode, samples_per_epoch
         self.shuffle_buffer, self.strict = shuffle_buffer if train else 0, strict
         self.transform = train_transform(image_config, crop_scale) if train else eval_transform(image_config)
+        # decode no smaller than what the transform crops from: the resize before the centre
+        # crop (eval), or the smallest random crop scaled to the output size (train)
+        self.decode_size = math.ceil(image_config.size / (math.sqrt(crop_scale[0]) if train else image_config.crop_pct))
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # global sample ids: shard order as listed
         self.epoch, self.skip_batches = 0, 0
         self.world, self.rank = 1, 0
@@ -193,9 +205,18 @@ class ShardStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return self.rank * workers + worker, self.world * workers
 
+    def samples_per_epoch_total(self) -> int:
+        return self.samples_per_epoch if self.mode == "resampled" else int(self.offsets[-1])
+
     def batches_per_reader(self, readers: int) -> int:
-        total = self.samples_per_epoch if self.mode == "resampled" else int(self.offsets[-1])
-        return (total // readers) // self.batch_size
+        return (self.samples_per_epoch_total() // readers) // self.batch_size
+
+    def batches_per_rank(self, num_workers: int) -> int:
+        """Training batches one rank steps through per epoch, with ``num_workers`` loader workers."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        workers = max(1, num_workers)
+        return self.batches_per_reader(world * workers) * workers
 
     def slice_plan(self, reader: int, readers: int, epoch: int) -> list[tuple[int, int, int]]:
         """(shard, first, end) sample ranges this reader reads this epoch, in order."""
@@ -229,7 +250,7 @@ class ShardStream(IterableDataset):
                     where = f"{url} key {sample.get('__key__')!r}"
                     try:
                         captions = sample_captions(sample, where)
-                        image = sample_image(sample, where, self.transform, self.image_config.size)
+                        image = sample_image(sample, where, self.transform, self.decode_size)
                     except BadSample as bad:
                         self.note(bad, counts, examples)
                         continue
@@ -242,8 +263,8 @@ class ShardStream(IterableDataset):
                           examples, lost)
 
     def note(self, bad: BadSample, counts: dict[str, int], examples: list[str], n: int = 1) -> None:
-        if self.strict:
-            raise ConfigError(f"data (strict): {bad}")
+        if self.strict and get_worker_info() is None and self.world == 1:
+            raise ConfigError(f"data (strict): {bad}")  # alone: stop here; else every rank stops at the next check
         counts[bad.kind] += n
         if len(examples) < 3:
             examples.append(str(bad))
@@ -318,16 +339,24 @@ class ShardStream(IterableDataset):
 
     def batches(self, samples: Iterator[tuple[torch.Tensor, list[str], int]], counts: dict[str, int],
                 examples: list[str], reader: int, epoch: int, limit: int | None) -> Iterator[dict[str, Any]]:
+        """Batches of ``batch_size`` (at most ``limit``; without one the last may be short).
+        Each full batch waits for the next sample, so that the last batch carries the counts of
+        whatever was skipped after it."""
         chunk: list[tuple[torch.Tensor, list[str], int]] = []
+        ready: list[tuple[torch.Tensor, list[str], int]] | None = None
         made = 0
         rng = np.random.default_rng([self.seed, epoch, reader, 3])
         for item in samples:
+            if ready is not None:
+                yield self.collate(ready, counts, examples, reader, rng)
+                ready = None
             chunk.append(item)
             if len(chunk) == self.batch_size:
-                yield self.collate(chunk, counts, examples, reader, rng)
-                chunk, made = [], made + 1
+                ready, chunk, made = chunk, [], made + 1
                 if limit is not None and made >= limit:
-                    return
+                    break
+        if ready is not None:
+            yield self.collate(ready, counts, examples, reader, rng)
         if chunk and limit is None:
             yield self.collate(chunk, counts, examples, reader, rng)
 
@@ -337,7 +366,7 @@ class ShardStream(IterableDataset):
         image_id = torch.tensor([sid for _, _, sid in items], dtype=torch.long)
         batch: dict[str, Any] = {"image": images, "image_id": image_id,
                                  "skipped": torch.tensor([counts[k] for k in SKIP_KINDS]), "reader": reader,
-                                 "skipped_examples": list(examples)}
+                                 "skipped_examples": list(examples)}  # this reader's, this epoch, so far
         if self.train:  # one caption per image, drawn when an image has several
             captions = [caps[int(rng.integers(len(caps)))] for _, caps, _ in items]
             tokens = tokenize(self.tokenizer, captions, self.max_length)
@@ -363,15 +392,17 @@ class ShardLoader(DataLoader):
                  num_workers: int) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False)
         self.epoch, self.batches_done = epoch, batches_done
+        self.restored = False
 
     def __iter__(self):
         stream: ShardStream = self.dataset  # type: ignore[assignment]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         stream.world, stream.rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) \
             if distributed else (1, 0)
-        epoch = self.epoch()
-        if epoch != stream.epoch:
-            stream.epoch, stream.skip_batches = epoch, 0
+        if self.restored:  # Lightning makes the resumed iterator before it advances its epoch counter
+            self.restored = False
+        else:
+            stream.epoch, stream.skip_batches = self.epoch(), 0
         iterator = super().__iter__()  # workers (or the generator) took the epoch and resume point
         stream.skip_batches = 0  # only the first epoch after a resume starts part-way
         return iterator
@@ -380,10 +411,7 @@ class ShardLoader(DataLoader):
         stream: ShardStream = self.dataset  # type: ignore[assignment]
         if not stream.train:
             raise TypeError("evaluation streams have no fixed length")
-        workers = max(1, self.num_workers)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        world = torch.distributed.get_world_size() if distributed else 1
-        return stream.batches_per_reader(world * workers) * workers
+        return stream.batches_per_rank(self.num_workers)
 
     def state_dict(self) -> dict[str, int]:
         stream: ShardStream = self.dataset  # type: ignore[assignment]
@@ -395,6 +423,7 @@ class ShardLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         stream: ShardStream = self.dataset  # type: ignore[assignment]
         stream.epoch, stream.skip_batches = state["epoch"], state["batches_done"]
+        self.restored = True
 
 
 @DATA_MODULES.register("wds_captions")
@@ -452,11 +481,15 @@ class ShardCaptionData(L.LightningDataModule):
                 self.stream(split)
 
     def train_batches_per_rank(self) -> int:
-        stream = self.stream("train")
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        world = torch.distributed.get_world_size() if distributed else 1
-        workers = max(1, self.num_workers)
-        return stream.batches_per_reader(world * workers) * workers
+        batches = self.stream("train").batches_per_rank(self.num_workers)
+        if not batches:  # Lightning would only warn, and train nothing
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            world = torch.distributed.get_world_size() if distributed else 1
+            raise ConfigError(f"data.train_shards: {self.stream('train').samples_per_epoch_total()} samples per epoch "
+                              f"make no full batch of {self.batch_size} for each of {world * max(1, self.num_workers)} "
+                              f"readers ({world} rank(s) x {max(1, self.num_workers)} loader worker(s)): lower "
+                              f"data.batch_size or data.num_workers.")
+        return batches
 
     def _loader(self, split: str) -> ShardLoader:
         trainer = self.trainer
@@ -466,6 +499,7 @@ class ShardCaptionData(L.LightningDataModule):
         return ShardLoader(self.stream(split), epoch, done, self.num_workers)
 
     def train_dataloader(self) -> ShardLoader:
+        self.train_batches_per_rank()  # no full batch is an error, not an empty epoch
         return self._loader("train")
 
     def val_dataloader(self) -> ShardLoader | list:
@@ -476,60 +510,86 @@ class ShardCaptionData(L.LightningDataModule):
 
     # bad-sample accounting (main process) ----------------------------------------------------
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Takes the reader's counts off the batch (before it goes to the device: reading them
+        later would cost a host sync per step)."""
         if "skipped" not in batch:
             return batch
         trainer = self.trainer
-        split = "train" if trainer is None or trainer.training else ("val" if trainer.validating or trainer.sanity_checking
-                                                                     else "test")
-        self.skipped.setdefault(split, {})[batch.pop("reader")] = batch.pop("skipped")
-        examples = batch.pop("skipped_examples")
-        if examples:
-            self.examples[split] = (self.examples.get(split, []) + examples)[-3:]
-        if split == "train":
-            self.check_budget()
+        split = "train" if trainer is None or trainer.training else ("test" if trainer.testing else "val")
+        reader = batch.pop("reader")
+        self.skipped.setdefault(split, {})[reader] = batch.pop("skipped")
+        self.examples.setdefault(split, {})[reader] = batch.pop("skipped_examples")
         return batch
 
     def skipped_counts(self, split: str) -> torch.Tensor:
         readers = self.skipped.get(split, {})
         return torch.stack(list(readers.values())).sum(0) if readers else torch.zeros(len(SKIP_KINDS), dtype=torch.long)
 
-    def check_budget(self) -> None:
-        stream = self.streams["train"]
-        per_rank = (stream.samples_per_epoch if stream.mode == "resampled" else int(stream.offsets[-1])) / stream.world
-        counts = self.skipped_counts("train")
-        bad = int(counts[: SKIP_KINDS.index("repeated")].sum())
-        if bad > self.max_bad_fraction * per_rank:
-            kinds = ", ".join(f"{k} {int(n)}" for k, n in zip(SKIP_KINDS, counts.tolist()) if n)
-            raise ConfigError(f"data: {bad} bad samples this epoch on this rank ({kinds}), more than "
-                              f"data.max_bad_fraction={self.max_bad_fraction} of its {per_rank:.0f}; e.g. "
-                              f"{'; '.join(self.examples.get('train', []))}. Raise the fraction, or run "
-                              f"`mml data inspect` on the shards.")
+    def bad_budget(self) -> float:
+        """Bad samples an epoch may hold, over all ranks (strict: none)."""
+        return 0.0 if self.strict else self.max_bad_fraction * self.streams["train"].samples_per_epoch_total()
+
+    def too_many_bad(self, split: str, counts: torch.Tensor, bad: int) -> ConfigError:
+        kinds = ", ".join(f"{k} {int(n)}" for k, n in zip(SKIP_KINDS, counts.tolist()) if n)
+        examples = [e for per_reader in self.examples.get(split, {}).values() for e in per_reader][:3]
+        rule = ("data.strict=true" if self.strict else
+                f"more than data.max_bad_fraction={self.max_bad_fraction} of the epoch's "
+                f"{self.streams['train'].samples_per_epoch_total()}")
+        return ConfigError(f"data: {bad} bad {split} samples this epoch over all ranks ({kinds}): {rule}; e.g. "
+                           f"{'; '.join(examples) or '(on another rank)'}. Raise the fraction, or look with "
+                           f"`mml data inspect`.")
 
     def end_of_epoch(self, split: str) -> dict[str, torch.Tensor]:
         counts = self.skipped_counts(split)
         self.skipped.pop(split, None)
-        return {f"data/{split}_skipped_{kind}": n for kind, n in zip(SKIP_KINDS, counts)}
+        self.examples.pop(split, None)
+        return {kind: n for kind, n in zip(SKIP_KINDS, counts)}
 
     def callbacks(self) -> list[L.Callback]:
         return [SkippedSamplesLog()]
 
 
 class SkippedSamplesLog(L.Callback):
-    """Logs each epoch's bad-sample counts, summed over ranks (one collective per epoch)."""
+    """Checks the bad-sample budget and logs each epoch's counts (``data/<split>_skipped_<kind>``),
+    both summed over ranks, so that every rank stops together: a check every
+    ``log_every_n_steps`` training batches (every batch under ``data.strict``), one at each
+    epoch's end."""
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+    def _total(self, trainer: L.Trainer, pl_module: L.LightningModule, counts: torch.Tensor) -> torch.Tensor:
+        return trainer.strategy.reduce(counts.to(pl_module.device).float(), reduce_op="sum").cpu()
+
+    def _check(self, trainer: L.Trainer, split: str, total: torch.Tensor) -> None:
         datamodule = trainer.datamodule
-        counts = datamodule.end_of_epoch(split)
-        for key, value in counts.items():
-            total = trainer.strategy.reduce(value.to(pl_module.device).float(), reduce_op="sum")
-            pl_module.log(key, total, rank_zero_only=True)
+        bad = int(total[: len(BAD_KINDS)].sum())
+        if bad > datamodule.bad_budget():
+            raise datamodule.too_many_bad(split, total, bad)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        datamodule = trainer.datamodule
+        if datamodule.strict or (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self._check(trainer, "train", self._total(trainer, pl_module, datamodule.skipped_counts("train")))
+
+    def _epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
+        datamodule = trainer.datamodule
+        local = datamodule.skipped_counts(split)
+        total = self._total(trainer, pl_module, local)
+        if split != "train" and datamodule.strict and int(total[: len(BAD_KINDS)].sum()):
+            raise datamodule.too_many_bad(split, total, int(total[: len(BAD_KINDS)].sum()))
+        if split == "train":
+            self._check(trainer, split, total)
+        datamodule.end_of_epoch(split)
+        for kind, value in zip(SKIP_KINDS, total):
+            pl_module.log(f"data/{split}_skipped_{kind}", value, rank_zero_only=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, pl_module, "train")
+        self._epoch_end(trainer, pl_module, "train")
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._log(trainer, pl_module, "val")
+        if trainer.sanity_checking:
+            trainer.datamodule.end_of_epoch("val")
+        else:
+            self._epoch_end(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._log(trainer, pl_module, "test")
+        self._epoch_end(trainer, pl_module, "test")
