@@ -66,6 +66,9 @@ class TensorImages(Dataset):
         return {"image": normalize_uint8(self.images[idx], self.image_config), "label": self.labels[idx]}
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")  # what image folders and shards hold
+
+
 def normalize_uint8(images: torch.Tensor, config: ImageConfig) -> torch.Tensor:
     """(B,H,W,3) uint8 -> (B,3,H,W) float normalised with the encoder's mean and std."""
     x = images.permute(0, 3, 1, 2).float().div_(255)

@@ -16,12 +16,12 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
-from mmlightning.data_modules.common import LabelledImages, ZeroShotSpec
+from mmlightning.data_modules.common import IMAGE_EXTENSIONS, LabelledImages, ZeroShotSpec
 from mmlightning.data_modules.transforms import eval_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.registry import ConfigError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {f".{ext}" for ext in IMAGE_EXTENSIONS}
 
 
 class ImageFiles(Dataset):
@@ -38,6 +38,7 @@ class ImageFiles(Dataset):
 
 
 def image_files(folder: Path) -> list[Path]:
+    """Every image under ``folder``, recursively, in a fixed order."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 

@@ -1,6 +1,6 @@
 """Image-text pairs in webdataset tar shards, streamed by every rank and loader worker.
 
-A shard is a tar of samples grouped by key: ``<key>.jpg|png|webp`` and ``<key>.txt`` (one
+A shard is a tar of samples grouped by key: ``<key>.jpg|png|webp|bmp`` and ``<key>.txt`` (one
 caption) or ``<key>.json`` (``{"caption": ...}`` or ``{"captions": [...]}``). ``sizes.json``
 beside the shards (open_clip's convention, written by ``mml data``) gives each shard's sample
 count; without it the shards are counted once at start-up.
@@ -43,12 +43,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmlightning.data_modules.common import IMAGE_EXTENSIONS
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.registry import DATA_MODULES, ConfigError
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SKIP_KINDS = ("bad_image", "missing_image", "bad_caption", "missing_caption", "empty_caption", "truncated", "repeated")
 BAD_KINDS = SKIP_KINDS[:-1]  # "repeated" counts refills, not bad samples
 SIZES_FILE = "sizes.json"

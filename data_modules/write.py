@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mmlightning.data_modules import shapes_world as world
-from mmlightning.data_modules.shards import IMAGE_EXTENSIONS, SIZES_FILE, expand_shards, sample_captions, shard_samples
+from mmlightning.data_modules.common import IMAGE_EXTENSIONS
+from mmlightning.data_modules.shards import SIZES_FILE, expand_shards, sample_captions, shard_samples
 from mmlightning.registry import ConfigError
 
 
@@ -52,7 +53,8 @@ def coco_pairs(json_path: str | Path, image_root: str | Path) -> Iterator[Pair]:
         ext = path.suffix.lower().lstrip(".")
         if ext not in IMAGE_EXTENSIONS:
             raise ConfigError(f"{json_path}: {path.name} is not a {'/'.join(IMAGE_EXTENSIONS)} image.")
-        yield Pair(path.stem, path.read_bytes(), "jpg" if ext == "jpeg" else ext, caps, i)
+        # keys by position: a file stem with a dot in it would split webdataset's key/extension
+        yield Pair(f"{i:08d}", path.read_bytes(), "jpg" if ext == "jpeg" else ext, caps, i)
 
 
 def write_shards(pairs: Iterator[Pair], out: str | Path, shard_size: int) -> dict[str, Any]:
@@ -130,7 +132,8 @@ def write_vqav2(split: str, num: int, seed: int, image_size: int, out: str | Pat
 
 def inspect_shards(spec: str, show: int = 3) -> dict[str, Any]:
     """Count the samples of a shard set (reading every tar), list the file kinds a sample
-    holds and the first few captions; damaged shards and samples are reported, not fatal."""
+    holds and the first few captions; damaged shards and bad or missing captions are
+    reported, not fatal (images are not decoded here)."""
     import tarfile
 
     urls = expand_shards(spec, "mml data inspect")

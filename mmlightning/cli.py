@@ -250,6 +250,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = [o for o in args.overrides if not o.startswith("ckpt=")]
     if not (args.ckpt or given):
         raise ConfigError("mml eval needs a checkpoint: --ckpt (or ckpt=) a .ckpt file or a run directory.")
+    if args.ckpt and given and args.ckpt != given[-1]:
+        raise ConfigError(f"two checkpoints given: --ckpt {args.ckpt} and ckpt={given[-1]}; give one.")
     if any(k < 1 for k in args.shots) or args.seeds < 1:
         raise ConfigError(f"--shots and --seeds must be >= 1, got {args.shots} and {args.seeds}.")
     ckpt = runs.eval_checkpoint(args.ckpt or given[-1])
@@ -264,10 +266,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         labelled.append(read_image_folder(args.image_folder, task.data_spec().image_config, templates, seed=cfg["seed"]))
     trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task, datamodule=datamodule)
     results = trainer.test(task, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
-    built = report.build_report(task, cfg["recipe"], ckpt, results[0] if results else {}, labelled,
-                                shots=tuple(args.shots), seeds=args.seeds)
-    if not trainer.is_global_zero:
+    if not results or not results[0]:
+        raise ConfigError(f"recipe {cfg['recipe']!r} has no test split to evaluate (its data module gave no test "
+                          f"batches): set the data's test split (e.g. data.test_shards).")
+    if not trainer.is_global_zero:  # the rest is one process's work: features, probes, files
         return 0
+    task.to(trainer.strategy.root_device)  # the Trainer hands the model back on the CPU
+    built = report.build_report(task, cfg["recipe"], ckpt, results[0], labelled, shots=tuple(args.shots),
+                                seeds=args.seeds)
     paths = report.write_report(built, ckpt)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     wandb_run = report.log_to_wandb(built, paths, cfg, run_dir)
@@ -286,7 +292,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmlightning import runs
     from mmlightning.build import build_task
     from mmlightning.data_modules.coco import load_image
-    from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES
+    from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, image_files
     from mmlightning.data_modules.transforms import eval_transform
 
     cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
@@ -296,7 +302,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     folder = Path(args.images)
     if not folder.is_dir():
         raise ConfigError(f"--images {str(folder)!r} is not a folder.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise ConfigError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
     ckpt = runs.eval_checkpoint(args.ckpt)

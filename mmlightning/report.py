@@ -1,10 +1,11 @@
 """The perception report of ``mml eval``: what a checkpoint can do, measured as papers do.
 
 Sections: the task's own test metrics (retrieval R@1/5/10 both ways for CLIP, VQA accuracy
-by question type beside a blind baseline, captioning BLEU/METEOR/ROUGE/CIDEr), then, for
+by question type beside a blind baseline, captioning BLEU/ROUGE-L/CIDEr-D), then, for
 each labelled image set (the recipe's, and any ``--image-folder``), zero-shot
 classification (CLIP only: top-1/top-5 over the prompt templates, with a per-class table)
 and linear probes on frozen image features (k = 1, 4, 16 images per class, and all).
+Measured in one process (rank 0) after the Trainer's test run.
 
 A section is plain data (``section``/``table``), so the JSON, the Markdown, the bar chart
 and the W&B run are four renderings of one dict. Tasks describe their own metrics by
@@ -58,7 +59,7 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
     out = []
     n_classes = len(classes.classnames)
     if hasattr(task, "zero_shot_classifier"):
-        metric = ZeroShotAccuracy(n_classes, classes.groups)
+        metric = ZeroShotAccuracy(n_classes, classes.groups, sync_on_compute=False)  # one process computes the report
         metric.update(test_x @ task.zero_shot_classifier(classes).float().cpu().T, test_y)
         scores = {k: float(v) for k, v in metric.compute().items()}
         top1, top5 = metric.per_class(), metric.correct_top5 / metric.total.clamp(min=1)

@@ -3,8 +3,8 @@
 The CLIP paper's protocol: L2-regularised logistic regression (scikit-learn, L-BFGS) on
 frozen features (standardised on the probe's training images), its inverse regularisation
 strength C picked from a sweep by accuracy on held-out training data, never on the test set. Few-shot probes fit on k examples per class
-drawn with several seeds (mean and spread reported) and pick C on the training images the
-draw left out.
+drawn with several seeds (mean and spread reported) and pick C on k other training images
+per class (a class with fewer than 2k images gives what it has).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float):
 def _pick_c(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> float:
     if not len(val_y) or len(np.unique(y)) < 2:
         return 1.0
-    scores = [(_fit(x, y, c).score(val_x, val_y), -abs(np.log10(c))) for c in C_SWEEP]  # ties: the mildest C
+    scores = [(_fit(x, y, c).score(val_x, val_y), -abs(np.log10(c))) for c in C_SWEEP]  # ties: the C nearest 1
     return C_SWEEP[max(range(len(C_SWEEP)), key=lambda i: scores[i])]
 
 
@@ -55,13 +55,14 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         scores, cs = [], []
         for seed in range(seeds):
             rng = np.random.default_rng([seed, k])
-            chosen = np.concatenate([rng.permutation(ix)[:k] for ix in by_class.values()])
-            rest = np.setdiff1d(np.arange(len(train_y)), chosen)
+            drawn = [rng.permutation(ix) for ix in by_class.values()]
+            chosen = np.concatenate([ix[:k] for ix in drawn])
+            rest = np.concatenate([ix[k:2 * k] for ix in drawn])  # C is picked on k more per class, as few-shot allows
             score, c = _accuracy(train_x[chosen], train_y[chosen], train_x[rest], train_y[rest], test_x, test_y)
             scores.append(score)
             cs.append(c)
         results[f"{k}-shot"] = {"top1": float(np.mean(scores)), "std": float(np.std(scores)), "seeds": seeds,
-                                "C": float(np.median(cs))}
+                                "C": max(set(cs), key=cs.count)}  # the C picked most often
     rng = np.random.default_rng(0)
     order = rng.permutation(len(train_y))
     n_val = int(len(order) * holdout)

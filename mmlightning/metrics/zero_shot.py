@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import Metric
 
@@ -12,8 +14,9 @@ class ZeroShotAccuracy(Metric):
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, groups: dict[str, list[int]] | None = None, top_k: tuple[int, ...] = (1, 5)) -> None:
-        super().__init__()
+    def __init__(self, num_classes: int, groups: dict[str, list[int]] | None = None, top_k: tuple[int, ...] = (1, 5),
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # torchmetrics options, e.g. sync_on_compute=False
         self.groups, self.top_k = dict(groups or {}), top_k
         self.add_state("total", default=torch.zeros(num_classes), dist_reduce_fx="sum")
         for k in top_k:
