@@ -106,22 +106,33 @@ def questions_for(scene: list[Shape], rng: np.random.Generator) -> list[Question
     shapes = [o.shape for o in scene]
     colours = [o.colour for o in scene]
 
-    def unique(o: Shape) -> str:
-        """The shortest phrase naming o uniquely in this scene."""
+    def unique(o: Shape) -> str | None:
+        """The shortest phrase naming o and nothing else in this scene; None when another
+        object looks exactly like it. (Colour and shape alone are not enough: a small and a
+        large red circle would both be "the red circle", and a question about one of them
+        would have no single answer.)"""
         if shapes.count(o.shape) == 1:
             return o.shape
         if colours.count(o.colour) == 1:
             return f"{o.colour} object"
-        return f"{o.colour} {o.shape}"
+        if sum(p.colour == o.colour and p.shape == o.shape for p in scene) == 1:
+            return f"{o.colour} {o.shape}"
+        if sum(p.combo == o.combo for p in scene) == 1:
+            return f"{o.size} {o.colour} {o.shape}"
+        return None
 
     o = scene[rng.integers(len(scene))]
-    qs.append(Question(f"what colour is the {o.shape if shapes.count(o.shape) == 1 else unique(o)}",
-                       o.colour, "colour"))
+    name = o.shape if shapes.count(o.shape) == 1 else unique(o)
+    if name:
+        qs.append(Question(f"what colour is the {name}", o.colour, "colour"))
     o = scene[rng.integers(len(scene))]
-    qs.append(Question(f"what shape is the {o.colour + ' object' if colours.count(o.colour) == 1 else unique(o)}",
-                       o.shape, "shape"))
+    name = o.colour + " object" if colours.count(o.colour) == 1 else unique(o)
+    if name:
+        qs.append(Question(f"what shape is the {name}", o.shape, "shape"))
     o = scene[rng.integers(len(scene))]
-    qs.append(Question(f"what size is the {unique(o)}", o.size, "size"))
+    name = unique(o)
+    if name:
+        qs.append(Question(f"what size is the {name}", o.size, "size"))
     if rng.random() < 0.5:
         c = list(COLOURS)[rng.integers(len(COLOURS))]
         qs.append(Question(f"how many {c} objects are there", str(colours.count(c)), "count"))
@@ -141,12 +152,13 @@ def questions_for(scene: list[Shape], rng: np.random.Generator) -> list[Question
             rel, truth = "left", a.x < b.x
         else:
             rel, truth = "right", a.x > b.x
-        qs.append(Question(f"is the {unique(a)} {rel} of the {unique(b)}", "yes" if truth else "no", "relation"))
-        # "what colour is the object left of X" needs an unambiguous neighbour
+        if unique(a) and unique(b):
+            qs.append(Question(f"is the {unique(a)} {rel} of the {unique(b)}", "yes" if truth else "no", "relation"))
+        # "what colour is the object left of X": the nearest one on that side
         k = int(np.argmax([o is b for o in scene]))
-        if rel == "left" and k > 0:
+        if unique(b) and rel == "left" and k > 0:
             qs.append(Question(f"what colour is the object left of the {unique(b)}", scene[k - 1].colour, "relation"))
-        elif rel == "right" and k < len(scene) - 1:
+        elif unique(b) and rel == "right" and k < len(scene) - 1:
             qs.append(Question(f"what colour is the object right of the {unique(b)}", scene[k + 1].colour, "relation"))
     return qs
 

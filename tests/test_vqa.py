@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tiny import SHAPES_CLIP
 
+import mmlightning.fusion  # noqa: F401  (registers the heads, whichever tests run first)
 from mmlightning.build import build_datamodule, build_task
 from mmlightning.cli import main
 from mmlightning.config import load_recipe, resolve
