@@ -286,3 +286,26 @@ def test_too_few_samples_for_one_batch_per_reader_is_an_error(tmp_path: Path, mi
             "data.num_workers=2", "data.batch_size=16", "logger.name=none", "run.name=f"]
     assert main(args) == 2
     assert "20 samples per epoch make no full batch of 16 for each of 2 readers" in capsys.readouterr().err
+
+
+def test_resampled_streams_and_fsspec_urls(tmp_path: Path, minilm_dir: Path) -> None:
+    """mode=resampled draws shards with replacement for a set budget per epoch, new draws each
+    epoch; shards named by URL (here file://, as s3:// or gs:// would be) are read through fsspec."""
+    from transformers import AutoTokenizer
+
+    from mmlightning.data_modules.shards import ShardLoader
+
+    write(["train", "--num", "40", "--shard-size", "10", "--image-size", "32"])
+    urls = expand_shards(f"file://{tmp_path}/train/shard-{{000000..000003}}.tar", "data.train_shards")
+    assert shard_sizes(urls) == [10, 10, 10, 10]  # from sizes.json, read through fsspec too
+    resampled = ShardStream(urls, shard_sizes(urls), True, 8, AutoTokenizer.from_pretrained(minilm_dir), 16,
+                            ImageConfig(size=32), seed=0, mode="resampled", samples_per_epoch=64, shuffle_buffer=8)
+
+    def epoch(n: int) -> list[int]:
+        loader = ShardLoader(resampled, epoch=lambda: n, batches_done=lambda: 0, num_workers=0)
+        assert len(loader) == 8
+        return [i for b in loader for i in b["image_id"].tolist()]
+
+    first, second = epoch(0), epoch(1)
+    assert len(first) == len(second) == 64 and set(first) <= set(range(40))
+    assert len(set(first)) < 64 and first != second  # with replacement, and a new draw each epoch
