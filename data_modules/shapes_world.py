@@ -38,8 +38,10 @@ DEFAULT_HELDOUT = (
     ("large", "cyan", "square"),
 )
 
-QUESTION_FAMILIES = ("colour", "shape", "size", "count", "exist", "relation")
-RELATIONAL_FAMILIES = ("relation",)
+# relative_position: "is the cross left of the circle" (yes/no); neighbour_colour: "what colour
+# is the object left of the square" (the nearest object on that side)
+QUESTION_FAMILIES = ("colour", "shape", "size", "count", "exist", "relative_position", "neighbour_colour")
+RELATIONAL_FAMILIES = ("relative_position", "neighbour_colour")
 
 
 def all_objects() -> list[tuple[str, str, str]]:
@@ -100,8 +102,11 @@ def caption_variants(scene: list[Shape]) -> list[str]:
     return [left_to_right] if len(scene) == 1 else [left_to_right, right_to_left]
 
 
-def questions_for(scene: list[Shape], rng: np.random.Generator) -> list[Question]:
-    """One question per family where the scene allows it. Answers are single words."""
+def questions_for(scene: list[Shape], rng: np.random.Generator, relational: int = 1) -> list[Question]:
+    """One question per non-relational family where the scene allows it, and ``relational``
+    picks of two objects and a direction, each asking whether the first is on that side of
+    the second and what colour the nearest object on that side of the second is. Answers are
+    single words."""
     qs: list[Question] = []
     shapes = [o.shape for o in scene]
     colours = [o.colour for o in scene]
@@ -145,22 +150,34 @@ def questions_for(scene: list[Shape], rng: np.random.Generator) -> list[Question
         c, s = o.colour, o.shape
     present = any(o.colour == c and o.shape == s for o in scene)
     qs.append(Question(f"is there a {c} {s}", "yes" if present else "no", "exist"))
-    if len(scene) >= 2:
-        i, j = rng.choice(len(scene), size=2, replace=False)
+    # relational questions: up to `relational` (first, second, direction) picks, no repeats
+    picks = [(i, j, rel) for i in range(len(scene)) for j in range(len(scene)) if i != j for rel in ("left", "right")]
+    asked: set[str] = set()
+    for p in rng.permutation(len(picks))[:relational] if len(scene) >= 2 else []:
+        i, j, rel = picks[p]
         a, b = scene[i], scene[j]
-        if rng.random() < 0.5:
-            rel, truth = "left", a.x < b.x
-        else:
-            rel, truth = "right", a.x > b.x
-        if unique(a) and unique(b):
-            qs.append(Question(f"is the {unique(a)} {rel} of the {unique(b)}", "yes" if truth else "no", "relation"))
-        # "what colour is the object left of X": the nearest one on that side
-        k = int(np.argmax([o is b for o in scene]))
-        if unique(b) and rel == "left" and k > 0:
-            qs.append(Question(f"what colour is the object left of the {unique(b)}", scene[k - 1].colour, "relation"))
-        elif unique(b) and rel == "right" and k < len(scene) - 1:
-            qs.append(Question(f"what colour is the object right of the {unique(b)}", scene[k + 1].colour, "relation"))
+        if not unique(b):
+            continue
+        candidates = []
+        if unique(a):
+            truth = a.x < b.x if rel == "left" else a.x > b.x
+            candidates.append(Question(f"is the {unique(a)} {rel} of the {unique(b)}", "yes" if truth else "no",
+                                       "relative_position"))
+        neighbour = j - 1 if rel == "left" else j + 1  # scenes are sorted left to right: the nearest one
+        if 0 <= neighbour < len(scene):
+            candidates.append(Question(f"what colour is the object {rel} of the {unique(b)}", scene[neighbour].colour,
+                                       "neighbour_colour"))
+        for q in candidates:
+            if q.question not in asked:
+                asked.add(q.question)
+                qs.append(q)
     return qs
+
+
+def mirror_question(question: str) -> str:
+    """The same question about the horizontally mirrored image: left and right swap."""
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(word, word) for word in question.split())
 
 
 def _sample_scene(rng: np.random.Generator, size: int, max_objects: int,
@@ -204,8 +221,9 @@ def _draw(img: np.ndarray, o: Shape) -> None:
 
 def generate(split: str, num: int, seed: int = 0, image_size: int = 64, max_objects: int = 3,
              heldout: tuple[tuple[str, str, str], ...] = DEFAULT_HELDOUT,
-             with_questions: bool = False) -> ShapesSplit:
-    """Render ``num`` scenes of one split. Deterministic in (split, num, seed, ...)."""
+             with_questions: bool = False, relational_questions: int = 1) -> ShapesSplit:
+    """Render ``num`` scenes of one split. Deterministic in (split, num, seed, ...).
+    ``relational_questions``: relational picks per scene (``questions_for``)."""
     if split not in SPLIT_IDS:
         raise ValueError(f"split must be one of {list(SPLIT_IDS)}, got {split!r}")
     unknown = [o for o in heldout if tuple(o) not in set(all_objects())]
@@ -224,5 +242,5 @@ def generate(split: str, num: int, seed: int = 0, image_size: int = 64, max_obje
         scenes.append(scene)
         captions.append(caption_variants(scene))
         if with_questions:
-            questions.append(questions_for(scene, question_rng))
+            questions.append(questions_for(scene, question_rng, relational_questions))
     return ShapesSplit(images, scenes, captions, questions)

@@ -48,16 +48,74 @@ def test_captions_describe_the_scene_left_to_right() -> None:
                 assert q.answer == str(sum(o.colour == colour for o in scene))
 
 
-def test_relation_answers_follow_positions() -> None:
+def test_relative_position_answers_follow_positions() -> None:
     split = world.generate("train", 500, with_questions=True)
     checked = 0
     for scene, questions in zip(split.scenes, split.questions):
         for q in questions:
             words = q.question.split()
-            if q.family == "relation" and words[0] == "is" and len(scene) == 2 and len({o.shape for o in scene}) == 2:
+            two_shapes = len(scene) == 2 and len({o.shape for o in scene}) == 2
+            if q.family == "relative_position" and two_shapes:
                 a = next(o for o in scene if o.shape == words[2])
                 b = next(o for o in scene if o.shape == words[-1])
                 truth = a.x < b.x if words[3] == "left" else a.x > b.x
                 assert q.answer == ("yes" if truth else "no")
                 checked += 1
     assert checked > 20
+
+
+def test_relational_questions_per_scene_and_neighbour_answers() -> None:
+    one = world.generate("train", 300, with_questions=True)
+    three = world.generate("train", 300, with_questions=True, relational_questions=3)
+    assert one.images.tobytes() == three.images.tobytes()  # questions never change the images
+    count = lambda split: sum(q.family in world.RELATIONAL_FAMILIES for qs in split.questions for q in qs)  # noqa: E731
+    assert count(three) > 2 * count(one)
+    checked = 0
+    for scene, questions in zip(three.scenes, three.questions):
+        assert len({q.question for q in questions}) == len(questions)  # no question twice about one image
+        for q in questions:
+            if q.family == "neighbour_colour" and len({o.shape for o in scene}) == len(scene):
+                words = q.question.split()  # what colour is the object left of the <shape>
+                k = next(i for i, o in enumerate(scene) if o.shape == words[-1])
+                neighbour = k - 1 if words[5] == "left" else k + 1
+                assert 0 <= neighbour < len(scene)
+                assert q.answer == scene[neighbour].colour
+                checked += 1
+    assert checked > 50
+
+
+def answer_from_positions(question: str, scene: list[world.Shape]) -> str:
+    """The answer to a relational question about a scene whose objects all differ in shape
+    (so each is named by its shape), worked out from the objects' x alone."""
+    words = question.split()
+    by_shape = {o.shape: o for o in scene}
+    b = by_shape[words[-1]]
+    if words[0] == "is":  # is the <shape> left/right of the <shape>
+        a = by_shape[words[2]]
+        return "yes" if (a.x < b.x if words[3] == "left" else a.x > b.x) else "no"
+    side = [o for o in scene if (o.x < b.x if words[5] == "left" else o.x > b.x)]  # what colour is the object ...
+    return min(side, key=lambda o: abs(o.x - b.x)).colour
+
+
+def test_mirrored_question_about_the_mirrored_scene_has_the_same_answer() -> None:
+    """What data.mirror_right relies on: mirror the scene (x -> size - x) and the question
+    (left <-> right), and the answer, worked out again from positions, does not change."""
+    split = world.generate("train", 400, with_questions=True, relational_questions=4)
+    checked = 0
+    for scene, questions in zip(split.scenes, split.questions):
+        if len({o.shape for o in scene}) != len(scene):
+            continue
+        mirrored = [world.Shape(o.size, o.colour, o.shape, 64 - o.x, o.y, o.radius) for o in scene]
+        for q in questions:
+            if q.family in world.RELATIONAL_FAMILIES:
+                assert answer_from_positions(q.question, scene) == q.answer
+                assert answer_from_positions(world.mirror_question(q.question), mirrored) == q.answer
+                checked += 1
+    assert checked > 200
+
+
+def test_mirror_question_swaps_directions_only() -> None:
+    assert world.mirror_question("is the red circle left of the square") == "is the red circle right of the square"
+    assert world.mirror_question("what colour is the object right of the cross") == \
+        "what colour is the object left of the cross"
+    assert world.mirror_question("how many circles are there") == "how many circles are there"
