@@ -106,7 +106,14 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        indices = list(super().__iter__())[self.skip:]
+        if getattr(self.dataset, "epoch_aware", False):
+            # a dataset whose items change with the epoch (a curriculum) reads the epoch from
+            # the index, epoch * len + i: loader workers hold copies of the dataset that state
+            # set on it later would not reach, and a resumed run replays the same items
+            offset = self.epoch * len(self.dataset)
+            indices = [offset + i for i in indices]
+        return iter(indices)
 
 
 class ResumableLoader(DataLoader):

@@ -6,6 +6,7 @@ by index in ``__getitems__``, so the training loop never runs Python per sample.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -125,12 +126,30 @@ class ShapesCLIPData(SplitDataModule):
         return LabelledImages("shapes", self.classes, split("train"), split("test"))
 
 
+def mirror_fractions(mirror_right: float | list[float]) -> list[float]:
+    """``data.mirror_right`` as one fraction per epoch (the last repeats)."""
+    return [mirror_right] if isinstance(mirror_right, (int, float)) else list(mirror_right)
+
+
 class ShapesQuestions(Dataset):
     """One item per (image, question). Shapes questions have one true answer, so the soft
-    target and the accuracy row are both one-hot."""
+    target and the accuracy row are both one-hot.
+
+    ``mirror_right``: the fraction of questions saying "right" that are asked as "left" about
+    the mirrored image instead (same answer: the world is mirror-symmetric); a list gives one
+    fraction per epoch, the last repeating. Whether "A is left of B" and whether "A is right
+    of B" flip with that one word, so on balanced data a model that has not yet found A and B
+    gains nothing from the direction word, and one that ignores the word gains nothing from
+    finding A and B: every fusion head stayed at chance on these questions while solving the
+    rest. Tilting training towards "left" makes finding the two objects pay off on its own;
+    the "right" questions teach the word once it does. Which questions come mirrored is one
+    seeded draw per question, so a smaller fraction mirrors a subset of a larger one's. For
+    training only.
+    """
 
     def __init__(self, split: world.ShapesSplit, answers: list[str], blind: dict[str, str], tokenizer: Any,
-                 max_length: int, image_config: ImageConfig) -> None:
+                 max_length: int, image_config: ImageConfig, mirror_right: float | list[float] = 0.0,
+                 seed: int = 0) -> None:
         items = [(i, q) for i, qs in enumerate(split.questions) for q in qs]
         index = {a: k for k, a in enumerate(answers)}
         self.images = torch.from_numpy(split.images)
@@ -141,37 +160,61 @@ class ShapesQuestions(Dataset):
         self.answer = torch.tensor([index.get(q.answer, -1) for _, q in items])
         self.family = torch.tensor([world.QUESTION_FAMILIES.index(q.family) for _, q in items])
         # a blind answer outside a small vocabulary falls back to the most frequent answer
-        self.blind = torch.tensor([index.get(blind.get(blind_type(q), answers[0]), 0) for _, q in items])
+        self.blind = torch.tensor([index.get(blind.get(q.family, answers[0]), 0) for _, q in items])
         self.num_answers, self.image_config = len(answers), image_config
+        # Python lists, not tensors: __getitems__ runs inside the training step (no loader
+        # workers), where turning tensors into Python values would count as host syncs
+        self.mirror_right = mirror_fractions(mirror_right)
+        self.epoch_aware = len(self.mirror_right) > 1  # ResumableSampler passes epoch * len + index
+        if any(self.mirror_right):
+            # one draw per question, so a smaller fraction mirrors a subset of a larger one's
+            draw = torch.rand(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+            self.draw = [d if "right" in q.split() else math.inf for d, q in zip(draw, self.questions)]
+            self.mirrored_questions = [world.mirror_question(q) for q in self.questions]
+            self.mirrored_text = tokenize(tokenizer, self.mirrored_questions, max_length)
 
     def __len__(self) -> int:
         return len(self.owner)
 
+    def mirrored(self, indices: list[int], epochs: list[int]) -> list[bool]:
+        """Which of these questions come mirrored, each in its epoch."""
+        if not any(self.mirror_right):
+            return [False] * len(indices)
+        last = len(self.mirror_right) - 1
+        return [self.draw[i] < self.mirror_right[min(e, last)] for i, e in zip(indices, epochs)]
+
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        n = len(self)
+        epochs = [i // n for i in indices] if self.epoch_aware else [0] * len(indices)
+        indices = [i % n for i in indices] if self.epoch_aware else list(indices)
         idx = torch.as_tensor(indices)
+        images = self.images[self.owner[idx]]  # (B, H, W, 3)
+        input_ids, attention_mask = self.text["input_ids"][idx], self.text["attention_mask"][idx]
+        questions = [self.questions[i] for i in indices]
+        mirror = self.mirrored(indices, epochs)
+        if any(mirror):
+            flip = torch.tensor(mirror)
+            images = torch.where(flip[:, None, None, None], images.flip(2), images)
+            input_ids = torch.where(flip[:, None], self.mirrored_text["input_ids"][idx], input_ids)
+            attention_mask = torch.where(flip[:, None], self.mirrored_text["attention_mask"][idx], attention_mask)
+            questions = [self.mirrored_questions[i] if m else q for i, m, q in zip(indices, mirror, questions)]
         answer = self.answer[idx]
         one_hot = torch.zeros(len(idx), self.num_answers)
         known = answer >= 0
         one_hot[known.nonzero().squeeze(1), answer[known]] = 1.0
         return {
-            "image": normalize_uint8(self.images[self.owner[idx]], self.image_config),
-            "input_ids": self.text["input_ids"][idx],
-            "attention_mask": self.text["attention_mask"][idx],
+            "image": normalize_uint8(images, self.image_config),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
             "target": one_hot,
             "accuracy": one_hot,
             "question_type": self.family[idx],
             "blind_answer": self.blind[idx],
-            "question_id": idx,
+            "question_id": idx,  # the question as generated, also when it came mirrored
             "image_id": self.owner[idx],
-            "question": [self.questions[i] for i in indices],
+            "question": questions,
             "answer": [self.answer_text[i] for i in indices],
         }
-
-
-def blind_type(q: world.Question) -> str:
-    """What a blind model may condition on: the family and the question's first word
-    ('relation is' asks yes/no, 'relation what' asks a colour)."""
-    return f"{q.family} {q.question.split()[0]}"
 
 
 @DATA_MODULES.register("shapes_vqa")
@@ -180,6 +223,9 @@ class ShapesVQAData(ShapesCLIPData):
 
     The answer vocabulary is the ``num_answers`` most frequent training answers. Accuracy is
     reported per question family and for relational vs non-relational questions.
+    ``relational_questions``: relational picks per scene (every split); ``mirror_right``: the
+    fraction of training questions saying "right" asked as "left" about the mirrored image
+    (see ``ShapesQuestions``).
     """
 
     question_types = list(world.QUESTION_FAMILIES)
@@ -187,8 +233,17 @@ class ShapesVQAData(ShapesCLIPData):
                    "non_relational": [f for f in world.QUESTION_FAMILIES if f not in world.RELATIONAL_FAMILIES]}
 
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_answers: int = 100,
-                 **kwargs: Any) -> None:
+                 relational_questions: int = 1, mirror_right: float | list[float] = 0.0, **kwargs: Any) -> None:
         super().__init__(tokenizer, max_length, image_config, **kwargs)
+        if isinstance(relational_questions, bool) or not isinstance(relational_questions, int) \
+                or relational_questions < 0:
+            raise ConfigError(f"data.relational_questions must be a whole number >= 0, got {relational_questions!r}")
+        fractions = mirror_fractions(mirror_right)
+        if not fractions or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0.0 <= f <= 1.0
+                                    for f in fractions):
+            raise ConfigError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
+                              f"got {mirror_right}")
+        self.relational_questions, self.mirror_right = relational_questions, mirror_right
         self.zero_shot = None  # classes of objects are a CLIP notion; VQA asks questions instead
         self.rendered: dict[str, world.ShapesSplit] = {}
         train = self.render("train")
@@ -200,7 +255,7 @@ class ShapesVQAData(ShapesCLIPData):
         by_type: dict[str, dict[str, int]] = {}
         for qs in train.questions:
             for q in qs:
-                tally = by_type.setdefault(blind_type(q), {})
+                tally = by_type.setdefault(q.family, {})
                 tally[q.answer] = tally.get(q.answer, 0) + 1
         self.blind = {t: min(tally, key=lambda a: (-tally[a], a)) for t, tally in by_type.items()}
 
@@ -208,12 +263,13 @@ class ShapesVQAData(ShapesCLIPData):
         if split not in self.rendered:
             self.rendered[split] = world.generate(split, self.sizes[split], seed=self.seed,
                                                   image_size=self.image_config.size, max_objects=self.max_objects,
-                                                  heldout=self.heldout, with_questions=True)
+                                                  heldout=self.heldout, with_questions=True,
+                                                  relational_questions=self.relational_questions)
         return self.rendered[split]
 
     def build_split(self, split: str) -> Dataset:
         dataset = ShapesQuestions(self.render(split), self.answers, self.blind, self.tokenizer, self.max_length,
-                                  self.image_config)
+                                  self.image_config, self.mirror_right if split == "train" else 0.0, self.seed)
         self.rendered.pop(split)  # the dataset holds what it needs
         return dataset
 

@@ -147,3 +147,56 @@ def test_question_reader_equals_a_packed_bidirectional_gru() -> None:
     _, last = reference(packed)
     expected = torch.cat([last[0], last[1]], dim=-1)
     torch.testing.assert_close(reader(TextOutput(pooled=tokens[:, 0], tokens=tokens, mask=mask)), expected)
+
+
+@pytest.mark.parametrize("mirror_right", [[0.8], [0.8, 0.0]])
+def test_mirror_right_asks_right_questions_as_left_about_the_mirrored_image(mirror_right) -> None:
+    """data.mirror_right: that fraction of the training questions saying "right" come as "left"
+    with the image mirrored (the same answer), per epoch when it is a list; nothing else
+    changes, nor the validation split. Read through the real training loader, epoch by epoch,
+    against the same data unmirrored."""
+    data = {}
+    for name, fraction in (("plain", [0.0]), ("tilted", mirror_right)):
+        cfg = vqa_cfg(f"data.mirror_right={fraction}", "data.relational_questions=3", "data.num_train=200",
+                      "data.batch_size=50", f"data.num_workers={int(name == 'tilted')}")  # a worker's copy too
+        task = build_task(cfg)
+        data[name] = build_datamodule(cfg, task)
+        data[name].setup("fit")
+    plain = data["plain"].datasets["train"]
+    loader = data["tilted"].train_dataloader()
+    mean, std = torch.tensor(task.vision.image_config.mean), torch.tensor(task.vision.image_config.std)
+    fractions = mirror_right * 2 if len(mirror_right) == 1 else mirror_right  # the last one repeats
+    asked = []
+    for epoch, fraction in enumerate(fractions):
+        loader.sampler.set_epoch(epoch)
+        says_right = mirrored = seen = 0
+        asked.append([])
+        for batch in loader:
+            asked[-1].append(batch["question"])
+            images = (batch["image"].permute(0, 2, 3, 1) * std + mean) * 255
+            for i, qid in enumerate(batch["question_id"].tolist()):
+                seen += 1
+                original = plain.questions[qid]
+                stored = plain.images[plain.owner[qid]].float()
+                assert batch["answer"][i] == plain.answer_text[qid]
+                says_right += "right" in original.split()
+                if batch["question"][i] == original:
+                    torch.testing.assert_close(images[i], stored, atol=1e-3, rtol=0)
+                else:
+                    mirrored += 1
+                    assert batch["question"][i] == original.replace("right", "left") != original
+                    torch.testing.assert_close(images[i], stored.flip(1), atol=1e-3, rtol=0)
+        assert seen > 0.9 * len(plain) and says_right > 100
+        assert (0.65 < mirrored / says_right < 0.95) if fraction else mirrored == 0
+    resumed = data["tilted"].train_dataloader()  # a run resumed after epoch 0's first batch
+    resumed.load_state_dict({"epoch": 0, "batches_done": 1})
+    assert [batch["question"] for batch in resumed] == asked[0][1:]
+    assert data["tilted"].datasets["val"].questions == data["plain"].datasets["val"].questions
+    assert data["tilted"].datasets["val"].mirror_right == [0.0]
+
+
+def test_mirror_right_outside_zero_to_one_is_refused() -> None:
+    for bad in ("[1.5]", "[0.5, -0.1]", "[]", "[true]"):
+        cfg = vqa_cfg(f"data.mirror_right={bad}")
+        with pytest.raises(ConfigError, match="data.mirror_right must be a fraction"):
+            build_datamodule(cfg, build_task(cfg))
