@@ -87,13 +87,14 @@ class StepTimer(L.Callback):
     """Start of one training batch to the start of the next: data, forward, backward,
     optimizer and logging all fall inside an interval."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.starts: list[float] = []
-        self.rss_before_first_step = 0.0
+        self.device = device
+        self.memory_before_first_step = 0.0  # peak memory (peak_memory_mib) before training began
 
     def on_train_batch_start(self, *args: Any) -> None:
         if not self.starts:
-            self.rss_before_first_step = peak_rss_mib()
+            self.memory_before_first_step = peak_memory_mib(self.device)
         self.starts.append(time.perf_counter())
 
     @property

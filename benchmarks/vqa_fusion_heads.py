@@ -26,8 +26,8 @@ HEADS = {
     "relation_network": "{name: relation_network, pool: 2, pair_dim: 128, pair_layers: 3, hidden_dim: 256}",
     "single_stream": "{name: single_stream, width: 128, layers: 2, heads: 4, hidden_dim: 256}",
 }
-COLUMNS = ["acc", "acc_relational", "acc_non_relational", "acc_colour", "acc_shape", "acc_size", "acc_count",
-           "acc_exist"]
+COLUMNS = ["acc", "acc_relational", "acc_relative_position", "acc_neighbour_colour", "acc_non_relational",
+           "acc_colour", "acc_shape", "acc_size", "acc_count", "acc_exist"]
 
 
 def main() -> None:
