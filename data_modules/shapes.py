@@ -243,7 +243,7 @@ class ShapesVQAData(ShapesCLIPData):
                                     for f in fractions):
             raise ConfigError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
                               f"got {mirror_right}")
-        self.relational_questions, self.mirror_right = relational_questions, mirror_right
+        self.relational_questions, self.mirror_right = relational_questions, fractions
         self.zero_shot = None  # classes of objects are a CLIP notion; VQA asks questions instead
         self.rendered: dict[str, world.ShapesSplit] = {}
         train = self.render("train")
@@ -269,7 +269,7 @@ class ShapesVQAData(ShapesCLIPData):
 
     def build_split(self, split: str) -> Dataset:
         dataset = ShapesQuestions(self.render(split), self.answers, self.blind, self.tokenizer, self.max_length,
-                                  self.image_config, self.mirror_right if split == "train" else 0.0, self.seed)
+                                  self.image_config, self.mirror_right if split == "train" else [0.0], self.seed)
         self.rendered.pop(split)  # the dataset holds what it needs
         return dataset
 
