@@ -3,6 +3,7 @@ benchmarks/README.md, never in asserts)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -48,3 +49,25 @@ def test_decode_prints_ratio_and_paths() -> None:
     assert re.search(r"open_clip\s+\d+\.\d images/s per worker", out)
     assert re.search(r"decode ratio \(mmlightning / open_clip\) \d+\.\d{3}", out)
     assert "PIL, draft (reduced DCT)" in out and "torchvision decode_jpeg" in out
+
+
+@pytest.mark.slow
+def test_vqa_directions_splits_the_summary_families(tmp_path: Path) -> None:
+    from tiny import SHAPES_VQA
+
+    from mmlightning.cli import main
+
+    assert main(["fit", "vqa-shapes", *SHAPES_VQA, "trainer.max_steps=4", "logger.name=none", "run.name=v"]) == 0
+    out = run("vqa_directions.py", str(tmp_path / "runs" / "v"))
+    rows = [line.strip("|").split("|") for line in out.splitlines() if re.match(r"\| \w+ \| (left|right|-) \|", line)]
+    table = {(r[0].strip(), r[1].strip()): (float(r[2]), int(r[3])) for r in rows}
+    # only the relational families are split, each into both directions
+    assert {d for (f, d) in table if f in ("relative_position", "neighbour_colour")} == {"left", "right"}
+    assert {d for (f, d) in table if f not in ("relative_position", "neighbour_colour")} == {"-"}
+    # the two directions add up to the family accuracy the run's own test reported
+    test = json.loads((tmp_path / "runs" / "v" / "summary.json").read_text())["test"]
+    for family in ("relative_position", "neighbour_colour", "colour"):
+        parts = [table[f, d] for f, d in table if f == family]
+        n = sum(count for _, count in parts)
+        weighted = sum(acc * count for acc, count in parts) / n
+        assert weighted == pytest.approx(test[f"test/acc_{family}"], abs=1 / n + 1e-3)
