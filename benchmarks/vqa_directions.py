@@ -1,10 +1,12 @@
 """Test-split accuracy of a shapes VQA run by question family and direction word ("left" /
 "right"): the run's summary reports relational families as a whole, and on the shapes world
-the two directions are learnt at different times (README, "Why relational questions sat at
-chance"). Prints a Markdown table.
+the two directions are learnt at different times (README, "Seeds, the learning rate and its
+floor"). Reads the run's own config and the checkpoint `mml fit` tested (its best, else its
+last), batches the test split as the run's test did, and prints a Markdown table whose
+family totals match the run's summary when the precision matches the one it tested at.
 
-    python benchmarks/vqa_directions.py runs/vqa-shapes-...          # the run's last.ckpt
-    python benchmarks/vqa_directions.py runs/x --ckpt runs/x/checkpoints/best-step=1302.ckpt
+    python benchmarks/vqa_directions.py runs/vqa-shapes-...
+    python benchmarks/vqa_directions.py runs/x --ckpt runs/x/checkpoints/last.ckpt --precision 32-true
 """
 
 from __future__ import annotations
@@ -17,46 +19,48 @@ import torch
 
 from mmlightning.build import build_datamodule, build_task, resolve_precision
 from mmlightning.config import load_recipe, resolve
-from mmlightning.runs import CONFIG_FILE
+from mmlightning.runs import CONFIG_FILE, eval_checkpoint
 
 
 def direction(question: str) -> str:
+    """The question's direction word, or "-" for questions without one."""
     words = question.split()
     return "left" if "left" in words else "right" if "right" in words else "-"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a vqa-shapes run directory")
-    parser.add_argument("--ckpt", type=Path, help="default: the run's checkpoints/last.ckpt")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("run", type=Path, help="a shapes VQA run directory")
+    parser.add_argument("--ckpt", type=Path, help="default: the run's best checkpoint, else its last")
+    parser.add_argument("--precision", choices=["bf16-mixed", "32-true"],
+                        help="CPU autocast; default: the run's trainer.precision as resolved on this machine")
     args = parser.parse_args()
-    # the run's own resolved config; its towers come from the checkpoint, not from init_from
-    cfg = resolve(load_recipe(args.run / CONFIG_FILE, ["logger.name=none", "model.init_from=null"]))
-    task = build_task(cfg)
+    cfg = resolve(load_recipe(args.run / CONFIG_FILE))
+    task = build_task(cfg, load_pretrained=False)  # the checkpoint holds every weight
     data = build_datamodule(cfg, task)
     data.setup("test")
-    checkpoint = torch.load(args.ckpt or args.run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = eval_checkpoint(args.ckpt or args.run)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    task.on_load_checkpoint(checkpoint)  # refuses a checkpoint whose answer vocabulary differs
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
-    dataset = data.datasets["test"]
-    right, seen = Counter(), Counter()
-    # the precision the run's own test used, so the totals match its summary
-    bf16 = str(resolve_precision(cfg["trainer"]["precision"])).startswith("bf16")
+    precision = args.precision or str(resolve_precision(cfg["trainer"]["precision"]))
+    bf16 = precision.startswith("bf16")
+    correct, seen = Counter(), Counter()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, len(dataset), args.batch_size):
-            batch = dataset.__getitems__(list(range(start, min(start + args.batch_size, len(dataset)))))
+        for batch in data.test_dataloader():
             predicted = task(batch["image"], batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
             for k, question in enumerate(batch["question"]):
                 key = (data.question_types[int(batch["question_type"][k])], direction(question))
                 seen[key] += 1
-                right[key] += task.answers[predicted[k]] == batch["answer"][k]
-    print(f"run: {args.run}")
+                correct[key] += task.answers[predicted[k]] == batch["answer"][k]
+    print(f"checkpoint: {ckpt}")
+    print(f"precision: {'bf16-mixed' if bf16 else '32-true'}")
     print("| question family | direction | accuracy | questions |")
     print("|---|---|---|---|")
     for family, word in sorted(seen):
         n = seen[family, word]
-        print(f"| {family} | {word} | {right[family, word] / n:.3f} | {n} |")
+        print(f"| {family} | {word} | {correct[family, word] / n:.3f} | {n} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -55,19 +56,32 @@ def test_decode_prints_ratio_and_paths() -> None:
 def test_vqa_directions_splits_the_summary_families(tmp_path: Path) -> None:
     from tiny import SHAPES_VQA
 
+    from mmlightning.build import build_datamodule, build_task
     from mmlightning.cli import main
+    from mmlightning.config import load_recipe, resolve
 
-    assert main(["fit", "vqa-shapes", *SHAPES_VQA, "trainer.max_steps=4", "logger.name=none", "run.name=v"]) == 0
-    out = run("vqa_directions.py", str(tmp_path / "runs" / "v"))
+    run_dir = tmp_path / "runs" / "v"
+    assert main(["fit", "vqa-shapes", *SHAPES_VQA, "trainer.max_epochs=2", "logger.name=none", "run.name=v"]) == 0
+    out = run("vqa_directions.py", str(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the checkpoint the run's own test used
+    assert Path(re.search(r"checkpoint: (\S+)", out).group(1)).resolve() == Path(summary["best_checkpoint"]).resolve()
     rows = [line.strip("|").split("|") for line in out.splitlines() if re.match(r"\| \w+ \| (left|right|-) \|", line)]
     table = {(r[0].strip(), r[1].strip()): (float(r[2]), int(r[3])) for r in rows}
-    # only the relational families are split, each into both directions
+    # counted from the test split itself: each family and direction word, nothing mixed up
+    cfg = resolve(load_recipe(run_dir / "config.yaml"))
+    data = build_datamodule(cfg, build_task(cfg, load_pretrained=False))
+    data.setup("test")
+    test = data.datasets["test"]
+    expected = Counter()
+    for question, family in zip(test.questions, test.family.tolist()):
+        words = question.split()
+        expected[data.question_types[family], "left" if "left" in words else "right" if "right" in words else "-"] += 1
+    assert {key: n for key, (_, n) in table.items()} == dict(expected)
     assert {d for (f, d) in table if f in ("relative_position", "neighbour_colour")} == {"left", "right"}
-    assert {d for (f, d) in table if f not in ("relative_position", "neighbour_colour")} == {"-"}
-    # the two directions add up to the family accuracy the run's own test reported
-    test = json.loads((tmp_path / "runs" / "v" / "summary.json").read_text())["test"]
+    # the directions add up to the family accuracy the run's own test reported (same batches, same precision)
     for family in ("relative_position", "neighbour_colour", "colour"):
         parts = [table[f, d] for f, d in table if f == family]
         n = sum(count for _, count in parts)
-        weighted = sum(acc * count for acc, count in parts) / n
-        assert weighted == pytest.approx(test[f"test/acc_{family}"], abs=1 / n + 1e-3)
+        assert sum(acc * count for acc, count in parts) / n == pytest.approx(summary["test"][f"test/acc_{family}"],
+                                                                              abs=1e-3)
