@@ -19,13 +19,8 @@ import torch
 
 from mmlightning.build import build_datamodule, build_task, resolve_precision
 from mmlightning.config import load_recipe, resolve
+from mmlightning.data_modules.shapes_world import direction_word
 from mmlightning.runs import CONFIG_FILE, eval_checkpoint
-
-
-def direction(question: str) -> str:
-    """The question's direction word, or "-" for questions without one."""
-    words = question.split()
-    return "left" if "left" in words else "right" if "right" in words else "-"
 
 
 def main() -> None:
@@ -51,7 +46,7 @@ def main() -> None:
         for batch in data.test_dataloader():
             predicted = task(batch["image"], batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
             for k, question in enumerate(batch["question"]):
-                key = (data.question_types[int(batch["question_type"][k])], direction(question))
+                key = (data.question_types[int(batch["question_type"][k])], direction_word(question))
                 seen[key] += 1
                 correct[key] += task.answers[predicted[k]] == batch["answer"][k]
     print(f"checkpoint: {ckpt}")

@@ -169,7 +169,7 @@ class ShapesQuestions(Dataset):
         if any(self.mirror_right):
             # one draw per question, so a smaller fraction mirrors a subset of a larger one's
             draw = torch.rand(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-            self.draw = [d if "right" in q.split() else math.inf for d, q in zip(draw, self.questions)]
+            self.draw = [d if world.direction_word(q) == "right" else math.inf for d, q in zip(draw, self.questions)]
             self.mirrored_questions = [world.mirror_question(q) for q in self.questions]
             self.mirrored_text = tokenize(tokenizer, self.mirrored_questions, max_length)
 

@@ -174,6 +174,12 @@ def questions_for(scene: list[Shape], rng: np.random.Generator, relational: int 
     return qs
 
 
+def direction_word(question: str) -> str:
+    """The question's direction word ("left" or "right"), or "-" for questions without one."""
+    words = question.split()
+    return "left" if "left" in words else "right" if "right" in words else "-"
+
+
 def mirror_question(question: str) -> str:
     """The same question about the horizontally mirrored image: left and right swap."""
     swap = {"left": "right", "right": "left"}
