@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from harness import machine_line, peak_rss_mib
+
 from mmlightning.losses import ClipLoss
 
 DIM = 512

@@ -29,8 +29,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from harness import StepTimer, interleaved, machine_line, median_after, peak_memory_mib  # noqa: E402
+
 from mmlightning.build import build_datamodule, build_task, build_trainer  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS  # noqa: E402

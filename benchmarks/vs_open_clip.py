@@ -31,9 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
+from harness import StepTimer, interleaved, machine_line, median_after, peak_rss_mib  # noqa: E402
 from timm.models import register_model  # noqa: E402
 
-from harness import StepTimer, interleaved, machine_line, median_after, peak_rss_mib  # noqa: E402
 from mmlightning.build import build_datamodule, build_task  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 

@@ -18,7 +18,8 @@ from mmlightning.data_modules.common import SplitDataModule, read_json_with_imag
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import DATA_MODULES
 
 
 def read_coco_captions(json_path: str | Path, image_root: str | Path) -> tuple[list[Path], list[list[str]]]:
@@ -27,23 +28,23 @@ def read_coco_captions(json_path: str | Path, image_root: str | Path) -> tuple[l
     data, json_path, image_root = read_json_with_images(json_path, image_root, "COCO captions file")
     for key in ("images", "annotations"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise ConfigError(f"{json_path}: expected a top-level list {key!r} (COCO captions layout).")
+            raise UserError(f"{json_path}: expected a top-level list {key!r} (COCO captions layout).")
     captions: dict[Any, list[str]] = {}
     paths: dict[Any, Path] = {}
     for i, img in enumerate(data["images"]):
         if "id" not in img or "file_name" not in img:
-            raise ConfigError(f"{json_path}: images[{i}] needs 'id' and 'file_name', has {sorted(img)}.")
+            raise UserError(f"{json_path}: images[{i}] needs 'id' and 'file_name', has {sorted(img)}.")
         paths[img["id"]] = image_root / img["file_name"]
         captions[img["id"]] = []
     for i, ann in enumerate(data["annotations"]):
         if "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ConfigError(f"{json_path}: annotations[{i}] needs 'image_id' and a string 'caption'.")
+            raise UserError(f"{json_path}: annotations[{i}] needs 'image_id' and a string 'caption'.")
         if ann["image_id"] not in captions:
-            raise ConfigError(f"{json_path}: annotations[{i}] refers to image_id {ann['image_id']!r}, not in 'images'.")
+            raise UserError(f"{json_path}: annotations[{i}] refers to image_id {ann['image_id']!r}, not in 'images'.")
         captions[ann["image_id"]].append(ann["caption"].strip())
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
-        raise ConfigError(f"{json_path}: {len(missing)} image file(s) missing under {image_root}, e.g. {missing[0]}.")
+        raise UserError(f"{json_path}: {len(missing)} image file(s) missing under {image_root}, e.g. {missing[0]}.")
     ids = [i for i in paths if captions[i]]
     return [paths[i] for i in ids], [captions[i] for i in ids]
 
@@ -53,7 +54,7 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except OSError as err:
-        raise ConfigError(f"cannot decode image {path}: {err}") from None
+        raise UserError(f"cannot decode image {path}: {err}") from None
 
 
 class CaptionPairs(Dataset):

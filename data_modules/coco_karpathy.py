@@ -29,7 +29,8 @@ from mmlightning.data_modules.common import SplitDataModule, read_json_with_imag
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import DATA_MODULES
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 
@@ -46,32 +47,32 @@ def read_karpathy(json_path: str | Path, image_root: str | Path) -> dict[str, li
     entry. Image files are not touched here (see ``check_images``)."""
     data, json_path, image_root = read_json_with_images(json_path, image_root, "Karpathy split file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ConfigError(f"{json_path}: expected a top-level list 'images' (Karpathy dataset_coco.json layout).")
+        raise UserError(f"{json_path}: expected a top-level list 'images' (Karpathy dataset_coco.json layout).")
     splits: dict[str, list[KarpathyImage]] = {s: [] for s in KARPATHY_SPLITS}
     seen: dict[int, int] = {}
     for i, entry in enumerate(data["images"]):
         where = f"{json_path}: images[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where} is a {type(entry).__name__}, not an object.")
+            raise UserError(f"{where} is a {type(entry).__name__}, not an object.")
         image_id = entry.get("cocoid", entry.get("imgid"))
         missing = [k for k in ("filename", "split", "sentences") if k not in entry]
         missing += ["cocoid"] if image_id is None else []
         if missing:
-            raise ConfigError(f"{where} ({entry.get('filename', 'no filename')}) has no {', '.join(map(repr, missing))}; "
+            raise UserError(f"{where} ({entry.get('filename', 'no filename')}) has no {', '.join(map(repr, missing))}; "
                               f"every entry needs 'filename', 'split', 'sentences' and 'cocoid' (or 'imgid').")
         if not isinstance(image_id, int) or isinstance(image_id, bool):
-            raise ConfigError(f"{where}: the image id ('cocoid' or 'imgid') must be an integer, got {image_id!r}.")
+            raise UserError(f"{where}: the image id ('cocoid' or 'imgid') must be an integer, got {image_id!r}.")
         if entry["split"] not in splits:
-            raise ConfigError(f"{where} has split {entry['split']!r}; valid: {', '.join(KARPATHY_SPLITS)}.")
+            raise UserError(f"{where} has split {entry['split']!r}; valid: {', '.join(KARPATHY_SPLITS)}.")
         if not isinstance(entry["sentences"], list):
-            raise ConfigError(f"{where}: 'sentences' must be a list, got {type(entry['sentences']).__name__}.")
+            raise UserError(f"{where}: 'sentences' must be a list, got {type(entry['sentences']).__name__}.")
         captions = []
         for j, sentence in enumerate(entry["sentences"]):
             if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
-                raise ConfigError(f"{where}.sentences[{j}] needs a string 'raw'.")
+                raise UserError(f"{where}.sentences[{j}] needs a string 'raw'.")
             captions.append(sentence["raw"].strip())
         if image_id in seen:  # evaluation de-duplicates by id, so ids must be unique
-            raise ConfigError(f"{where} repeats image id {image_id} of images[{seen[image_id]}].")
+            raise UserError(f"{where} repeats image id {image_id} of images[{seen[image_id]}].")
         seen[image_id] = i
         path = image_root / entry.get("filepath", "") / entry["filename"]
         splits[entry["split"]].append(KarpathyImage(path, image_id, captions))
@@ -81,7 +82,7 @@ def read_karpathy(json_path: str | Path, image_root: str | Path) -> dict[str, li
 def check_images(json_path: str | Path, image_root: str | Path, images: list[KarpathyImage]) -> None:
     missing = [str(img.path) for img in images if not img.path.is_file()]
     if missing:
-        raise ConfigError(f"{json_path}: {len(missing)} image file(s) missing under {image_root}, e.g. {missing[0]}.")
+        raise UserError(f"{json_path}: {len(missing)} image file(s) missing under {image_root}, e.g. {missing[0]}.")
 
 
 class CaptionItems(Dataset):
@@ -166,7 +167,7 @@ class CocoKarpathyData(SplitDataModule):
         train_splits = (train_splits,) if isinstance(train_splits, str) else tuple(train_splits)
         unknown = [s for s in train_splits if s not in KARPATHY_SPLITS]
         if unknown or not train_splits:
-            raise ConfigError(f"data.train_splits: {list(train_splits)} is not a non-empty list of Karpathy splits; "
+            raise UserError(f"data.train_splits: {list(train_splits)} is not a non-empty list of Karpathy splits; "
                               f"valid: {', '.join(KARPATHY_SPLITS)}.")
         self.json_path, self.image_root, self.train_splits = json_path, image_root, train_splits
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
@@ -180,7 +181,7 @@ class CocoKarpathyData(SplitDataModule):
         wanted = self.train_splits if split == "train" else (split,)
         images = [img for s in wanted for img in self._splits[s] if img.captions]
         if not images:
-            raise ConfigError(f"{self.json_path}: no captioned images with split {' or '.join(map(repr, wanted))}.")
+            raise UserError(f"{self.json_path}: no captioned images with split {' or '.join(map(repr, wanted))}.")
         check_images(self.json_path, self.image_root, images)
         return images
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mmlightning.encoders.outputs import ImageConfig
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 
 @dataclass
@@ -150,10 +150,10 @@ class SplitDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
-            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
+            raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
                               f"{eval_batch_size}.")
         if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+            raise UserError(f"data.num_workers must be >= 0, got {num_workers}.")
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.datasets: dict[str, Dataset] = {}
 
@@ -211,10 +211,10 @@ def read_json_with_images(json_path: str | Path, image_root: str | Path, what: s
     ("COCO captions file")."""
     json_path, image_root = Path(json_path), Path(image_root)
     if not json_path.is_file():
-        raise ConfigError(f"{what} {str(json_path)!r} does not exist.")
+        raise UserError(f"{what} {str(json_path)!r} does not exist.")
     if not image_root.is_dir():
-        raise ConfigError(f"image folder {str(image_root)!r} does not exist.")
+        raise UserError(f"image folder {str(image_root)!r} does not exist.")
     try:
         return json.loads(json_path.read_text()), json_path, image_root
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{json_path}: not valid JSON ({err}).") from None
+        raise UserError(f"{json_path}: not valid JSON ({err}).") from None

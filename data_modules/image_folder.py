@@ -19,7 +19,7 @@ from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import IMAGE_EXTENSIONS, LabelledImages, ZeroShotSpec
 from mmlightning.data_modules.transforms import eval_transform
 from mmlightning.encoders.outputs import ImageConfig
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 IMAGE_SUFFIXES = {f".{ext}" for ext in IMAGE_EXTENSIONS}
 
@@ -51,10 +51,10 @@ def read_image_folder(root: str | Path, image_config: ImageConfig, templates: li
     """Every image under ``root`` with its class; errors name the folder and what is wrong."""
     root = Path(root)
     if not root.is_dir():
-        raise ConfigError(f"--image-folder {str(root)!r} is not a folder.")
+        raise UserError(f"--image-folder {str(root)!r} is not a folder.")
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:
-        raise ConfigError(f"prompt templates need exactly one '{{}}' for the class name; got {bad or templates}.")
+        raise UserError(f"prompt templates need exactly one '{{}}' for the class name; got {bad or templates}.")
     given = {name: root / name for name in ("train", "test", "val") if (root / name).is_dir()}
     if "train" in given and ("test" in given or "val" in given):
         splits = {"train": given["train"], "test": given.get("test", given.get("val"))}
@@ -63,7 +63,7 @@ def read_image_folder(root: str | Path, image_config: ImageConfig, templates: li
                  for split, folder in splits.items()}
     else:
         if not 0 < test_fraction < 1:
-            raise ConfigError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
+            raise UserError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
         folders = class_folders(root)
         names = [d.name for d in folders]
         files = {"train": [], "test": []}
@@ -75,11 +75,11 @@ def read_image_folder(root: str | Path, image_config: ImageConfig, templates: li
             files["test"] += [(p, label) for p in paths[:n_test]]
             files["train"] += [(p, label) for p in paths[n_test:]]
     if len(names) < 2:
-        raise ConfigError(f"--image-folder {str(root)!r}: needs at least 2 class subfolders, found "
+        raise UserError(f"--image-folder {str(root)!r}: needs at least 2 class subfolders, found "
                           f"{[n for n in names] or 'none'}.")
     for split, items in files.items():
         if not items:
-            raise ConfigError(f"--image-folder {str(root)!r}: no {'/'.join(sorted(IMAGE_SUFFIXES))} images for the "
+            raise UserError(f"--image-folder {str(root)!r}: no {'/'.join(sorted(IMAGE_SUFFIXES))} images for the "
                               f"{split} split.")
     classes = ZeroShotSpec(classnames=[n.replace("_", " ") for n in names], templates=list(templates))
     return LabelledImages(root.name, classes, ImageFiles(files["train"], image_config),

@@ -13,11 +13,18 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_world as world
-from mmlightning.data_modules.common import (LabelledImages, SplitDataModule, TensorImages, ZeroShotSpec, normalize_uint8,
-                                             string_ids)
-from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.data_modules.common import (
+    LabelledImages,
+    SplitDataModule,
+    TensorImages,
+    ZeroShotSpec,
+    normalize_uint8,
+    string_ids,
+)
 from mmlightning.encoders.outputs import ImageConfig
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.errors import UserError
+from mmlightning.registry import DATA_MODULES
 
 
 class ShapesPairs(Dataset):
@@ -90,7 +97,7 @@ class ShapesCLIPData(SplitDataModule):
                  num_labelled_train: int = 2400, num_labelled_test: int = 1200) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if not 1 <= max_objects <= 3:
-            raise ConfigError(f"data.max_objects must be 1, 2 or 3, got {max_objects}")
+            raise UserError(f"data.max_objects must be 1, 2 or 3, got {max_objects}")
         self.heldout = tuple(tuple(h) for h in heldout) if heldout is not None else world.DEFAULT_HELDOUT
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
@@ -237,11 +244,11 @@ class ShapesVQAData(ShapesCLIPData):
         super().__init__(tokenizer, max_length, image_config, **kwargs)
         if isinstance(relational_questions, bool) or not isinstance(relational_questions, int) \
                 or relational_questions < 0:
-            raise ConfigError(f"data.relational_questions must be a whole number >= 0, got {relational_questions!r}")
+            raise UserError(f"data.relational_questions must be a whole number >= 0, got {relational_questions!r}")
         fractions = mirror_fractions(mirror_right)
         if not fractions or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0.0 <= f <= 1.0
                                     for f in fractions):
-            raise ConfigError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
+            raise UserError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
                               f"got {mirror_right}")
         self.relational_questions, self.mirror_right = relational_questions, fractions
         self.zero_shot = None  # classes of objects are a CLIP notion; VQA asks questions instead

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmlightning.registry import VOCABULARIES
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -53,6 +55,7 @@ def object_phrase(obj: tuple[str, str, str]) -> str:
     return " ".join(obj)
 
 
+@VOCABULARIES.register("shapes")
 def vocabulary() -> list[str]:
     """Every word a caption, question, answer or prompt of this world can contain."""
     words = set(SIZES) | set(COLOURS) | set(SHAPES) | set(NUMBER_WORDS)

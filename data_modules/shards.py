@@ -47,7 +47,8 @@ from mmlightning.data_modules.common import IMAGE_EXTENSIONS
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import DATA_MODULES
 
 SKIP_KINDS = ("bad_image", "missing_image", "bad_caption", "missing_caption", "empty_caption", "truncated", "repeated")
 BAD_KINDS = SKIP_KINDS[:-1]  # "repeated" counts refills, not bad samples
@@ -75,10 +76,10 @@ def expand_shards(spec: str | list[str], key: str) -> list[str]:
         else:
             urls += list(braceexpand(item))
     if not urls:
-        raise ConfigError(f"{key}: no shards in {spec!r}.")
+        raise UserError(f"{key}: no shards in {spec!r}.")
     missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
     if missing:
-        raise ConfigError(f"{key}: {len(missing)} shard(s) missing, e.g. {missing[0]!r}.")
+        raise UserError(f"{key}: {len(missing)} shard(s) missing, e.g. {missing[0]!r}.")
     return urls
 
 
@@ -264,7 +265,7 @@ class ShardStream(IterableDataset):
 
     def note(self, bad: BadSample, counts: dict[str, int], examples: list[str], n: int = 1) -> None:
         if self.strict and get_worker_info() is None and self.world == 1:
-            raise ConfigError(f"data (strict): {bad}")  # alone: stop here; else every rank stops at the next check
+            raise UserError(f"data (strict): {bad}")  # alone: stop here; else every rank stops at the next check
         counts[bad.kind] += n
         if len(examples) < 3:
             examples.append(str(bad))
@@ -335,7 +336,7 @@ class ShardStream(IterableDataset):
                 given += 1
                 yield item
             if not again:
-                raise ConfigError(f"data: no readable sample in this reader's shards ({examples[:1]}).")
+                raise UserError(f"data: no readable sample in this reader's shards ({examples[:1]}).")
 
     def batches(self, samples: Iterator[tuple[torch.Tensor, list[str], int]], counts: dict[str, int],
                 examples: list[str], reader: int, epoch: int, limit: int | None) -> Iterator[dict[str, Any]]:
@@ -439,14 +440,14 @@ class ShardCaptionData(L.LightningDataModule):
                  strict: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
         super().__init__()
         if mode not in ("epochs", "resampled"):
-            raise ConfigError(f"data.mode: {mode!r} is not one of epochs, resampled.")
+            raise UserError(f"data.mode: {mode!r} is not one of epochs, resampled.")
         if mode == "resampled" and not samples_per_epoch:
-            raise ConfigError("data.mode=resampled needs data.samples_per_epoch (the sampling has no end).")
+            raise UserError("data.mode=resampled needs data.samples_per_epoch (the sampling has no end).")
         if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
-            raise ConfigError(f"data.batch_size and data.eval_batch_size must be >= 1 and data.num_workers >= 0, got "
+            raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1 and data.num_workers >= 0, got "
                               f"{batch_size}, {eval_batch_size}, {num_workers}.")
         if not 0 <= max_bad_fraction <= 1:
-            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}.")
+            raise UserError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}.")
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
         self.shards = {"train": train_shards, "val": val_shards, "test": test_shards}
         self.mode, self.samples_per_epoch, self.shuffle_buffer = mode, samples_per_epoch, shuffle_buffer
@@ -466,7 +467,7 @@ class ShardCaptionData(L.LightningDataModule):
         if split not in self.streams:
             spec = self.shards[split]
             if not spec:
-                raise ConfigError(f"data.{split}_shards is not set.")
+                raise UserError(f"data.{split}_shards is not set.")
             urls = expand_shards(spec, f"data.{split}_shards")
             train = split == "train"
             self.streams[split] = ShardStream(
@@ -485,7 +486,7 @@ class ShardCaptionData(L.LightningDataModule):
         if not batches:  # Lightning would only warn, and train nothing
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             world = torch.distributed.get_world_size() if distributed else 1
-            raise ConfigError(f"data.train_shards: {self.stream('train').samples_per_epoch_total()} samples per epoch "
+            raise UserError(f"data.train_shards: {self.stream('train').samples_per_epoch_total()} samples per epoch "
                               f"make no full batch of {self.batch_size} for each of {world * max(1, self.num_workers)} "
                               f"readers ({world} rank(s) x {max(1, self.num_workers)} loader worker(s)): lower "
                               f"data.batch_size or data.num_workers.")
@@ -529,13 +530,13 @@ class ShardCaptionData(L.LightningDataModule):
         """Bad samples an epoch may hold, over all ranks (strict: none)."""
         return 0.0 if self.strict else self.max_bad_fraction * self.streams["train"].samples_per_epoch_total()
 
-    def too_many_bad(self, split: str, counts: torch.Tensor, bad: int) -> ConfigError:
+    def too_many_bad(self, split: str, counts: torch.Tensor, bad: int) -> UserError:
         kinds = ", ".join(f"{k} {int(n)}" for k, n in zip(SKIP_KINDS, counts.tolist()) if n)
         examples = [e for per_reader in self.examples.get(split, {}).values() for e in per_reader][:3]
         rule = ("data.strict=true" if self.strict else
                 f"more than data.max_bad_fraction={self.max_bad_fraction} of the epoch's "
                 f"{self.streams['train'].samples_per_epoch_total()}")
-        return ConfigError(f"data: {bad} bad {split} samples this epoch over all ranks ({kinds}): {rule}; e.g. "
+        return UserError(f"data: {bad} bad {split} samples this epoch over all ranks ({kinds}): {rule}; e.g. "
                            f"{'; '.join(examples) or '(on another rank)'}. Raise the fraction, or look with "
                            f"`mml data inspect`.")
 

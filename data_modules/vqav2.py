@@ -43,8 +43,9 @@ from mmlightning.data_modules.common import SplitDataModule
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.errors import UserError
 from mmlightning.metrics.vqa import answer_scores, normalize_answer, soft_targets
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.registry import DATA_MODULES
 
 QUESTION_FIELDS = {"image_id": int, "question": str, "question_id": int}
 ANNOTATION_FIELDS = {"question_id": int, "image_id": int, "question_type": str, "answer_type": str,
@@ -55,38 +56,38 @@ ANNOTATION_FIELDS = {"question_id": int, "image_id": int, "question_type": str, 
 def read_json(path: str | Path, key: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{key}: file {str(path)!r} does not exist.")
+        raise UserError(f"{key}: file {str(path)!r} does not exist.")
     try:
         return json.loads(path.read_bytes())
     except ValueError as err:  # bad JSON or bad UTF-8
-        raise ConfigError(f"{key}: {path} is not valid JSON ({err}).") from None
+        raise UserError(f"{key}: {path} is not valid JSON ({err}).") from None
 
 
 def check_entry(entry: Any, fields: dict[str, type], where: str) -> None:
     if not isinstance(entry, dict):
-        raise ConfigError(f"{where} should be an object with {', '.join(fields)}; it is a {type(entry).__name__}.")
+        raise UserError(f"{where} should be an object with {', '.join(fields)}; it is a {type(entry).__name__}.")
     missing = [k for k in fields if k not in entry]
     if missing:
-        raise ConfigError(f"{where} lacks {', '.join(map(repr, missing))} (it has {', '.join(map(repr, entry))}).")
+        raise UserError(f"{where} lacks {', '.join(map(repr, missing))} (it has {', '.join(map(repr, entry))}).")
     for k, kind in fields.items():  # bool is an int to Python, never an id here
         if not isinstance(entry[k], kind) or (kind is int and isinstance(entry[k], bool)):
-            raise ConfigError(f"{where}: {k!r} should be {kind.__name__}, got {entry[k]!r}.")
+            raise UserError(f"{where}: {k!r} should be {kind.__name__}, got {entry[k]!r}.")
 
 
 def read_questions(path: str | Path, key: str) -> tuple[str, dict[int, tuple[int, str]]]:
     """``data_subtype`` (it names the images) and question_id -> (image_id, question)."""
     data = read_json(path, key)
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise ConfigError(f"{key}: {path} should hold a top-level list 'questions' (VQAv2 questions layout).")
+        raise UserError(f"{key}: {path} should hold a top-level list 'questions' (VQAv2 questions layout).")
     subtype = data.get("data_subtype")
     if not isinstance(subtype, str) or not subtype:
-        raise ConfigError(f"{key}: {path} lacks 'data_subtype' (e.g. 'train2014'), which names the images "
+        raise UserError(f"{key}: {path} lacks 'data_subtype' (e.g. 'train2014'), which names the images "
                           f"COCO_<data_subtype>_<image_id:012d>.jpg.")
     questions: dict[int, tuple[int, str]] = {}
     for i, q in enumerate(data["questions"]):
         check_entry(q, QUESTION_FIELDS, f"{key}: {path}: questions[{i}]")
         if q["question_id"] in questions:
-            raise ConfigError(f"{key}: {path}: questions[{i}] repeats question_id {q['question_id']}.")
+            raise UserError(f"{key}: {path}: questions[{i}] repeats question_id {q['question_id']}.")
         questions[q["question_id"]] = (q["image_id"], q["question"])
     return subtype, questions
 
@@ -94,18 +95,18 @@ def read_questions(path: str | Path, key: str) -> tuple[str, dict[int, tuple[int
 def read_annotations(path: str | Path, key: str) -> list[dict[str, Any]]:
     data = read_json(path, key)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ConfigError(f"{key}: {path} should hold a top-level list 'annotations' (VQAv2 annotations layout).")
+        raise UserError(f"{key}: {path} should hold a top-level list 'annotations' (VQAv2 annotations layout).")
     seen: set[int] = set()
     for i, ann in enumerate(data["annotations"]):
         where = f"{key}: {path}: annotations[{i}]"
         check_entry(ann, ANNOTATION_FIELDS, where)
         if not ann["answers"]:
-            raise ConfigError(f"{where}: 'answers' is empty.")
+            raise UserError(f"{where}: 'answers' is empty.")
         for j, a in enumerate(ann["answers"]):
             if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
-                raise ConfigError(f"{where}: answers[{j}] should be an object with a string 'answer', got {a!r}.")
+                raise UserError(f"{where}: answers[{j}] should be an object with a string 'answer', got {a!r}.")
         if ann["question_id"] in seen:
-            raise ConfigError(f"{where} repeats question_id {ann['question_id']}.")
+            raise UserError(f"{where} repeats question_id {ann['question_id']}.")
         seen.add(ann["question_id"])
     return data["annotations"]
 
@@ -180,7 +181,7 @@ def resolve(annotations: list[dict[str, Any]], path: str, key: str, index: dict[
     types = {t: k for k, t in enumerate(question_types)}
     for i, ann in enumerate(annotations):
         if ann["answer_type"] not in types:
-            raise ConfigError(f"{key}: {path}: annotations[{i}] has answer_type {ann['answer_type']!r}, which the "
+            raise UserError(f"{key}: {path}: annotations[{i}] has answer_type {ann['answer_type']!r}, which the "
                               f"training annotations never use (they have {', '.join(question_types)}).")
 
     def in_vocab(scores: dict[str, float]) -> dict[int, float]:
@@ -248,11 +249,11 @@ class VQAv2Data(SplitDataModule):
                  num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         if isinstance(num_answers, bool) or not isinstance(num_answers, int) or num_answers < 1:
-            raise ConfigError(f"data.num_answers must be a positive integer, got {num_answers!r}")
+            raise UserError(f"data.num_answers must be a positive integer, got {num_answers!r}")
         test = {"test_questions": test_questions, "test_annotations": test_annotations, "test_images": test_images}
         given = [k for k, v in test.items() if v is not None]
         if given and len(given) < 3:
-            raise ConfigError(f"data: {', '.join(given)} given without {', '.join(k for k in test if k not in given)}; "
+            raise UserError(f"data: {', '.join(given)} given without {', '.join(k for k in test if k not in given)}; "
                               f"give all three test files, or none to test on val. (VQAv2 test-dev answers are not "
                               f"public: evaluate those on EvalAI.)")
         self.files = {"train": (train_questions, train_annotations, train_images),
@@ -263,14 +264,14 @@ class VQAv2Data(SplitDataModule):
             for kind, path in zip(("questions", "annotations", "images"), paths):
                 exists = Path(path).is_dir() if kind == "images" else Path(path).is_file()
                 if not exists:
-                    raise ConfigError(f"data.{split}_{kind}: {'folder' if kind == 'images' else 'file'} "
+                    raise UserError(f"data.{split}_{kind}: {'folder' if kind == 'images' else 'file'} "
                                       f"{str(path)!r} does not exist.")
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
 
         train = read_annotations(train_annotations, "data.train_annotations")
         self.answers: list[str] = answer_vocabulary(train, num_answers)
         if not self.answers:
-            raise ConfigError(f"data.train_annotations: {train_annotations} has no non-empty answer.")
+            raise UserError(f"data.train_annotations: {train_annotations} has no non-empty answer.")
         self.answer_index = {a: k for k, a in enumerate(self.answers)}
         self.question_types: list[str] = sorted({a["answer_type"] for a in train})
         self.blind = blind_answers(train, self.answer_index)
@@ -291,21 +292,21 @@ class VQAv2Data(SplitDataModule):
         texts = []
         for i, (qid, image_id) in enumerate(zip(annotated.question_id.tolist(), annotated.image_id.tolist())):
             if qid not in questions:
-                raise ConfigError(f"{a_key}: {annotations_path}: annotations[{i}] is for question_id {qid}, "
+                raise UserError(f"{a_key}: {annotations_path}: annotations[{i}] is for question_id {qid}, "
                                   f"which is not in {questions_path}.")
             if questions[qid][0] != image_id:
-                raise ConfigError(f"{a_key}: {annotations_path}: annotations[{i}] (question_id {qid}) has image_id "
+                raise UserError(f"{a_key}: {annotations_path}: annotations[{i}] (question_id {qid}) has image_id "
                                   f"{image_id}, but {questions_path} says {questions[qid][0]}.")
             texts.append(questions[qid][1])
         if len(questions) > len(texts):
             unanswered = next(iter(set(questions) - set(annotated.question_id.tolist())))
-            raise ConfigError(f"{q_key}: {len(questions) - len(texts)} question(s) of {questions_path} have no "
+            raise UserError(f"{q_key}: {len(questions) - len(texts)} question(s) of {questions_path} have no "
                               f"annotation in {annotations_path}, e.g. question_id {unanswered}.")
         root = Path(image_root)
         present = set(os.listdir(root))
         missing = sorted(n for n in {image_name(subtype, i) for i in annotated.image_id.tolist()} if n not in present)
         if missing:
-            raise ConfigError(f"data.{split}_images: {len(missing)} image file(s) named by {questions_path} are "
+            raise UserError(f"data.{split}_images: {len(missing)} image file(s) named by {questions_path} are "
                               f"missing under {root}, e.g. {missing[0]}.")
         transform = train_transform(self.image_config) if split == "train" else eval_transform(self.image_config)
         return VQAQuestions(annotated, texts, root, subtype, tokenize(self.tokenizer, texts, self.max_length),

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mmlightning.data_modules import shapes_world as world
+from mmlightning.data_modules.coco import read_coco_captions
 from mmlightning.data_modules.common import IMAGE_EXTENSIONS
 from mmlightning.data_modules.shards import SIZES_FILE, expand_shards, sample_captions, shard_samples
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 
 @dataclass
@@ -46,13 +47,11 @@ def shapes_pairs(split: str, num: int, seed: int, image_size: int, ext: str) -> 
 
 
 def coco_pairs(json_path: str | Path, image_root: str | Path) -> Iterator[Pair]:
-    from mmlightning.data_modules.coco import read_coco_captions
-
     paths, captions = read_coco_captions(json_path, image_root)
     for i, (path, caps) in enumerate(zip(paths, captions)):
         ext = path.suffix.lower().lstrip(".")
         if ext not in IMAGE_EXTENSIONS:
-            raise ConfigError(f"{json_path}: {path.name} is not a {'/'.join(IMAGE_EXTENSIONS)} image.")
+            raise UserError(f"{json_path}: {path.name} is not a {'/'.join(IMAGE_EXTENSIONS)} image.")
         # keys by position: a file stem with a dot in it would split webdataset's key/extension
         yield Pair(f"{i:08d}", path.read_bytes(), "jpg" if ext == "jpeg" else ext, caps, i)
 
@@ -63,11 +62,11 @@ def write_shards(pairs: Iterator[Pair], out: str | Path, shard_size: int) -> dic
     import webdataset as wds
 
     if shard_size < 1:
-        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}.")
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
-        raise ConfigError(f"{out} already holds shards; not mixing two datasets. Pick an empty folder.")
+        raise UserError(f"{out} already holds shards; not mixing two datasets. Pick an empty folder.")
     sizes: dict[str, int] = {}
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as writer:
         for pair in pairs:

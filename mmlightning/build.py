@@ -17,8 +17,10 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from torch import nn
 
+from mmlightning.errors import UserError
 from mmlightning.fault_tolerance import AtomicCheckpointIO, CarryRNGState, NonFiniteGuard, StopOnSignal
-from mmlightning.registry import DATA_MODULES, TASKS, ConfigError, check_kwargs
+from mmlightning.loggers import build_loggers
+from mmlightning.registry import DATA_MODULES, TASKS, check_kwargs
 
 
 def import_components(imports: list[str] | None = None) -> None:
@@ -52,7 +54,7 @@ def import_components(imports: list[str] | None = None) -> None:
             else:
                 importlib.import_module(name)
         except (ImportError, FileNotFoundError) as err:
-            raise ConfigError(f"imports: cannot import {name!r}: {err}") from None
+            raise UserError(f"imports: cannot import {name!r}: {err}") from None
 
 
 def build_task(cfg: dict[str, Any], load_pretrained: bool = True):
@@ -108,49 +110,6 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def wandb_mode(requested: str) -> str:
-    """'auto': online when credentials exist (WANDB_API_KEY or a netrc entry), else offline.
-    WANDB_MODE in the environment wins, as wandb itself does."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if requested != "auto":
-        return requested
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return "online" if has_key else "offline"
-
-
-def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> list[Any]:
-    spec = dict(cfg.get("logger") or {"name": "none"})
-    kind = spec.pop("name", "none")
-    if kind == "none":
-        return []
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
-    if kind != "wandb":
-        raise ConfigError(f"logger.name: unknown logger {kind!r}. Valid: wandb, csv, none.")
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
-
-    mode = wandb_mode(str(spec.pop("mode", "auto")))
-    run_dir = run_dir.resolve()  # wandb's service process has its own working directory
-    valid = {"project", "entity", "group", "tags", "notes"}
-    for key in spec:
-        if key not in valid:
-            from mmlightning.registry import did_you_mean
-
-            raise ConfigError(f"logger.{key}: unknown option for wandb.{did_you_mean(key, sorted(valid))} Valid: {', '.join(sorted(valid))}, mode.")
-    os.environ["WANDB_DIR"] = str(run_dir)  # the W&B run lives in the run directory, whatever the environment says
-    wandb_logger = WandbLogger(
-        name=run_dir.name, save_dir=str(run_dir), id=wandb_id, resume="allow", mode=mode, config=cfg,
-        project=spec.get("project") or "mmlightning", entity=spec.get("entity"), group=spec.get("group"),
-        tags=list(spec.get("tags") or []), notes=spec.get("notes"),
-    )
-    # CSV beside W&B: a plain-text record that needs no tool to read
-    return [wandb_logger, CSVLogger(save_dir=str(run_dir), name="csv", version="")]
-
-
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` after every validation. Its own class, so that its state in a checkpoint
     never shares a key with the best-checkpoint callback (Lightning keys them by class and
@@ -193,14 +152,14 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
     if getattr(task, "accumulate_batches", 1) > 1:
         if (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1:
-            raise ConfigError("set model.accumulate_batches or trainer.accumulate_grad_batches, not both: the "
+            raise UserError("set model.accumulate_batches or trainer.accumulate_grad_batches, not both: the "
                               "task accumulates itself, keeping every batch's negatives.")
         # the task steps its optimizer itself; Lightning does not clip gradients for it
         task.clip_gradient_value = trainer_kwargs.pop("gradient_clip_val", None)
         task.clip_gradient_algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None) or "norm"
     elif (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1 and getattr(task, "accumulate_batches", None) == 1 \
             and hasattr(task, "accumulating_step"):
-        raise ConfigError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
+        raise UserError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
                           "negatives than the accumulated batch). Use model.accumulate_batches instead: the same "
                           "loss and gradients as one batch that many times larger.")
     callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
@@ -236,4 +195,4 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
         )
     except (ValueError, MisconfigurationException) as err:  # e.g. fsdp without a GPU, devices=3 on 2 GPUs
         settings = {k: trainer_kwargs.get(k) for k in ("accelerator", "devices", "strategy", "precision")}
-        raise ConfigError(f"trainer: {err} (trainer settings: {settings})") from None
+        raise UserError(f"trainer: {err} (trainer settings: {settings})") from None

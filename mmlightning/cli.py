@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlightning import config as C
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as err:
+    except UserError as err:
         if args.traceback or os.environ.get("MML_TRACEBACK"):
             raise
         print(f"mml {args.command}: error: {err}", file=sys.stderr)
@@ -121,7 +121,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_cp(args: argparse.Namespace) -> int:
     src, dst = C.recipe_path(args.recipe), Path(args.path)
     if dst.exists():
-        raise ConfigError(f"{dst} already exists; not overwriting it.")
+        raise UserError(f"{dst} already exists; not overwriting it.")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     print(f"copied {src.name} to {dst}; run it with `mml fit {dst}`")
@@ -179,6 +179,7 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
 
     from mmlightning.build import build_datamodule, build_task, build_trainer
     from mmlightning.fault_tolerance import Interrupted, NonFiniteLoss
+    from mmlightning.loggers import finish_loggers
     from mmlightning.summary import print_summary
 
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -207,15 +208,6 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
         print_summary(cfg, run_dir, trainer, results[0] if results else {}, fit_seconds, best)
     finish_loggers(trainer)
     return 0
-
-
-def finish_loggers(trainer: Any, status: str = "success") -> None:
-    """Flush and close the W&B run now (marked failed if the run raised), so a second run in
-    this process starts a new one."""
-    for logger in trainer.loggers:
-        logger.finalize(status)
-        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
-            logger.experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -249,11 +241,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("ckpt=")]
     overrides = [o for o in args.overrides if not o.startswith("ckpt=")]
     if not (args.ckpt or given):
-        raise ConfigError("mml eval needs a checkpoint: --ckpt (or ckpt=) a .ckpt file or a run directory.")
+        raise UserError("mml eval needs a checkpoint: --ckpt (or ckpt=) a .ckpt file or a run directory.")
     if args.ckpt and given and args.ckpt != given[-1]:
-        raise ConfigError(f"two checkpoints given: --ckpt {args.ckpt} and ckpt={given[-1]}; give one.")
+        raise UserError(f"two checkpoints given: --ckpt {args.ckpt} and ckpt={given[-1]}; give one.")
     if any(k < 1 for k in args.shots) or args.seeds < 1:
-        raise ConfigError(f"--shots and --seeds must be >= 1, got {args.shots} and {args.seeds}.")
+        raise UserError(f"--shots and --seeds must be >= 1, got {args.shots} and {args.seeds}.")
     ckpt = runs.eval_checkpoint(args.ckpt or given[-1])
     cfg = C.resolve(C.load_recipe(args.recipe, overrides))
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -267,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task, datamodule=datamodule)
     results = trainer.test(task, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
     if not results or not results[0]:
-        raise ConfigError(f"recipe {cfg['recipe']!r} has no test split to evaluate (its data module gave no test "
+        raise UserError(f"recipe {cfg['recipe']!r} has no test split to evaluate (its data module gave no test "
                           f"batches): set the data's test split (e.g. data.test_shards).")
     if not trainer.is_global_zero:  # the rest is one process's work: features, probes, files
         return 0
@@ -298,18 +290,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
     task = build_task(cfg, load_pretrained=False)  # the checkpoint below holds every weight
     if not hasattr(task, "caption"):
-        raise ConfigError(f"mml predict captions images; recipe {cfg['recipe']!r} is a {cfg['task']!r} task.")
+        raise UserError(f"mml predict captions images; recipe {cfg['recipe']!r} is a {cfg['task']!r} task.")
     folder = Path(args.images)
     if not folder.is_dir():
-        raise ConfigError(f"--images {str(folder)!r} is not a folder.")
+        raise UserError(f"--images {str(folder)!r} is not a folder.")
     files = image_files(folder)
     if not files:
-        raise ConfigError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
+        raise UserError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
     ckpt = runs.eval_checkpoint(args.ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     missing, unexpected = task.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "
+        raise UserError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}. Give the recipe (or run directory config.yaml) it was trained with.")
     task.eval()
     transform = eval_transform(task.data_spec().image_config)
@@ -330,7 +322,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     task, path = load_task(args.ckpt)
     if task.recipe.get("task") != "clip":
-        raise ConfigError(f"mml export writes CLIP models; {path} is a {task.recipe.get('task')!r} task.")
+        raise UserError(f"mml export writes CLIP models; {path} is a {task.recipe.get('task')!r} task.")
     write, how_to_load = FORMATS[args.format]
     out = write(task, Path(args.out))
     print(f"wrote {out}: load it with {how_to_load.format(out=out)}")
@@ -346,7 +338,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         summary = write.inspect_shards(args.shards, args.show)
     elif args.source == "coco":
         if args.format != "wds" or not (args.json and args.images):
-            raise ConfigError("mml data write coco writes shards (--format wds) and needs --json FILE --images DIR.")
+            raise UserError("mml data write coco writes shards (--format wds) and needs --json FILE --images DIR.")
         summary = write.write_shards(write.coco_pairs(args.json, args.images), args.out, args.shard_size)
     elif args.format == "wds":
         pairs = write.shapes_pairs(args.split, args.num, args.seed, args.image_size, args.image_format)

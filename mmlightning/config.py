@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mmlightning.registry import ConfigError, did_you_mean
+from mmlightning.errors import UserError
+from mmlightning.registry import did_you_mean
 
 # Sections a recipe may have. Anything else at the top level is a typo.
 TOP_LEVEL_KEYS = {
@@ -46,13 +47,13 @@ def recipe_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"recipe file {str(path)!r} does not exist.")
+            raise UserError(f"recipe file {str(path)!r} does not exist.")
         return path
     packaged = recipes_dir() / f"{name_or_path}.yaml"
     if packaged.is_file():
         return packaged
     names = [n for n, _ in list_recipes()]
-    raise ConfigError(
+    raise UserError(
         f"unknown recipe {str(name_or_path)!r}.{did_you_mean(str(name_or_path), names)} "
         f"Recipes: {', '.join(names)} (or give a path to a .yaml file; `mml ls` lists them)."
     )
@@ -60,13 +61,13 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def _load_file(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if path.resolve() in seen:
-        raise ConfigError(f"{path}: `defaults` include themselves in a cycle.")
+        raise UserError(f"{path}: `defaults` include themselves in a cycle.")
     try:
         raw = OmegaConf.load(path)
     except Exception as err:  # yaml errors carry line numbers; keep them
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}.")
+        raise UserError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}.")
     defaults = raw.pop("defaults", [])
     if isinstance(defaults, str):
         defaults = [defaults]
@@ -81,7 +82,7 @@ def _find_default(entry: str, parent: Path) -> Path:
     for base in (parent.parent, recipes_dir()):
         if (base / name).is_file():
             return base / name
-    raise ConfigError(f"{parent}: defaults entry {entry!r} not found next to it or in {recipes_dir()}.")
+    raise UserError(f"{parent}: defaults entry {entry!r} not found next to it or in {recipes_dir()}.")
 
 
 def merge_recipes(base: DictConfig, top: DictConfig) -> DictConfig:
@@ -109,7 +110,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] = ()) -> DictConf
     apply_overrides(cfg, list(overrides))
     unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
     for key in unknown:
-        raise ConfigError(
+        raise UserError(
             f"{path}: unknown top-level key {key!r}.{did_you_mean(str(key), sorted(TOP_LEVEL_KEYS))} "
             f"Valid: {', '.join(sorted(TOP_LEVEL_KEYS))}."
         )
@@ -120,7 +121,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except Exception as err:
-        raise ConfigError(f"cannot resolve an interpolation in the recipe: {err}") from None
+        raise UserError(f"cannot resolve an interpolation in the recipe: {err}") from None
 
 
 def to_yaml(cfg: DictConfig | dict) -> str:
@@ -136,7 +137,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     op = "add" if text.startswith("+") else "set"
     key, sep, value = text.lstrip("+").partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {text!r} is not of the form key=value, +key=value or ~key.")
+        raise UserError(f"override {text!r} is not of the form key=value, +key=value or ~key.")
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
@@ -154,17 +155,17 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         parent = _node(cfg, parent_key, key) if parent_key else cfg
         if op == "remove":
             if leaf not in parent:
-                raise ConfigError(f"~{key}: no such key to remove.{_suggest(parent, leaf, parent_key)}")
+                raise UserError(f"~{key}: no such key to remove.{_suggest(parent, leaf, parent_key)}")
             parent.pop(leaf)
         elif op == "add":
             if leaf in parent:
-                raise ConfigError(f"+{key}: the key already exists; set it with {key}=... instead.")
+                raise UserError(f"+{key}: the key already exists; set it with {key}=... instead.")
             parent[leaf] = value
         elif leaf not in parent:
             if "name" in parent and leaf != "name":
                 parent[leaf] = value  # a component kwarg: checked against its signature at build
             else:
-                raise ConfigError(
+                raise UserError(
                     f"{key}: unknown key.{_suggest(parent, leaf, parent_key)} "
                     f"Use +{key}=... to add a new key on purpose."
                 )
@@ -182,11 +183,11 @@ def _node(cfg: DictConfig, path: str, full_key: str) -> DictConfig:
     for part in path.split("."):
         if not isinstance(node, DictConfig) or part not in node:
             here = ".".join(walked)
-            raise ConfigError(f"{full_key}: unknown key {'.'.join(walked + [part])!r}.{_suggest(node, part, here)}")
+            raise UserError(f"{full_key}: unknown key {'.'.join(walked + [part])!r}.{_suggest(node, part, here)}")
         node = node[part]
         walked.append(part)
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{full_key}: {path!r} is a value ({node!r}), not a section with keys.")
+        raise UserError(f"{full_key}: {path!r} is a value ({node!r}), not a section with keys.")
     return node
 
 
@@ -231,4 +232,4 @@ def _check_type(key: str, old: Any, new: Any) -> Any:
         return str(new)
     elif _type_name(old) == _type_name(new) and not isinstance(new, (int, float, str)):
         return new
-    raise ConfigError(f"{key}: expected {_type_name(old)} (like {old!r}), got {new!r} ({_type_name(new)}).")
+    raise UserError(f"{key}: expected {_type_name(old)} (like {old!r}), got {new!r} ({_type_name(new)}).")

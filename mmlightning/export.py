@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from mmlightning.registry import ConfigError
+from mmlightning import runs
+from mmlightning.build import build_task
+from mmlightning.encoders.text import HFTextEncoder
+from mmlightning.encoders.tokenizers import tokenize
+from mmlightning.encoders.vision import TimmEncoder
+from mmlightning.errors import UserError
+from mmlightning.hf_dual_encoder import MMLDualEncoderConfig, MMLDualEncoderModel
 from mmlightning.tasks.clip import MAX_LOGIT_SCALE
 
 OPEN_CLIP_POOLING = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
@@ -40,14 +46,11 @@ OPEN_CLIP_POOLING = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler
 def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     """The task a checkpoint (or a run directory's best checkpoint) was trained as, with its
     weights: the recipe comes from the checkpoint itself."""
-    from mmlightning import runs
-    from mmlightning.build import build_task
-
     path = runs.eval_checkpoint(checkpoint_or_run)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     cfg = checkpoint.get("mmlightning_recipe")
     if not cfg:
-        raise ConfigError(f"{path}: not an mmlightning checkpoint (no recipe inside).")
+        raise UserError(f"{path}: not an mmlightning checkpoint (no recipe inside).")
     model = dict(cfg["model"])  # the checkpoint overwrites every weight: fetch or read no pretrained ones
     if str(model["vision"].get("name", "")).startswith("timm:"):
         model["vision"] = {**model["vision"], "pretrained": False, "checkpoint_path": None, "checkpoint_remap": None}
@@ -61,9 +64,6 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
 def tower_problems(task: Any, format_name: str) -> list[str]:
     """What neither format can hold: both rebuild a timm image tower and an HF text tower, each
     followed by a bias-free linear projection."""
-    from mmlightning.encoders.text import HFTextEncoder
-    from mmlightning.encoders.vision import TimmEncoder
-
     spec = task.recipe["model"]
     problems = []
     if not isinstance(task.vision, TimmEncoder):
@@ -77,7 +77,7 @@ def tower_problems(task: Any, format_name: str) -> list[str]:
 
 def refuse(format_name: str, problems: list[str]) -> None:
     if problems:
-        raise ConfigError(f"cannot export to {format_name}: " + "; ".join(problems) + ".")
+        raise UserError(f"cannot export to {format_name}: " + "; ".join(problems) + ".")
 
 
 def renamed_state_dict(task: Any, renames: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -96,11 +96,8 @@ def renamed_state_dict(task: Any, renames: dict[str, str]) -> dict[str, torch.Te
 
 
 def open_clip_config(task: Any, text_dir: Path) -> dict[str, Any]:
-    """open_clip's model and preprocessing config for ``task``, or a ConfigError naming what
+    """open_clip's model and preprocessing config for ``task``, or a UserError naming what
     open_clip's format has no way to say."""
-    from mmlightning.encoders.text import HFTextEncoder
-    from mmlightning.encoders.vision import TimmEncoder
-
     spec = task.recipe["model"]
     problems = tower_problems(task, "open_clip")
     if isinstance(task.vision, TimmEncoder):
@@ -170,11 +167,9 @@ def timm_model_args(task: Any) -> dict[str, Any]:
 
 def hf_config(task: Any) -> Any:
     """The exported model's config (``hf_dual_encoder.MMLDualEncoderConfig``), or a
-    ConfigError naming what it cannot hold."""
+    UserError naming what it cannot hold."""
     refuse("hf", tower_problems(task, "hf"))
     from transformers import TimmWrapperConfig
-
-    from mmlightning.hf_dual_encoder import MMLDualEncoderConfig
 
     # its label fields mean nothing to TimmWrapperModel, which always drops the classifier
     vision = TimmWrapperConfig(architecture=timm_architecture(task), model_args=timm_model_args(task) or None)
@@ -191,9 +186,6 @@ def hf_config(task: Any) -> Any:
 def hf_model(task: Any) -> Any:
     """The exported model with the task's weights, checked to embed as the task does: a
     timm model TimmWrapperModel rebuilds differently is refused, not written."""
-    from mmlightning.encoders.tokenizers import tokenize
-    from mmlightning.hf_dual_encoder import MMLDualEncoderModel
-
     config = hf_config(task)
     try:
         model = MMLDualEncoderModel(config).eval()

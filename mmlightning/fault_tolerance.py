@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mmlightning.errors import UserError
+
 
 class Interrupted(Exception):
     """Raised after the checkpoint is saved; ``mml`` turns it into exit code 128 + signal."""
@@ -176,9 +178,7 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, mode: str = "stop") -> None:
         if mode not in self.MODES:
-            from mmlightning.registry import ConfigError
-
-            raise ConfigError(f"run.on_nonfinite: {mode!r} is not one of {', '.join(self.MODES)}.")
+            raise UserError(f"run.on_nonfinite: {mode!r} is not one of {', '.join(self.MODES)}.")
         self.mode = mode
         self.skipped = 0
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlightning.encoders.outputs import TextOutput, VisionOutput
-from mmlightning.registry import FUSION_HEADS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import FUSION_HEADS
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -44,7 +45,7 @@ class QuestionReader(nn.Module):
     def __init__(self, text_token_dim: int, question_dim: int) -> None:
         super().__init__()
         if question_dim % 2:
-            raise ConfigError(f"question_dim must be even (two GRU directions), got {question_dim}")
+            raise UserError(f"question_dim must be even (two GRU directions), got {question_dim}")
         self.output_dim = question_dim
         self.forward_gru = nn.GRU(text_token_dim, question_dim // 2, batch_first=True)
         self.backward_gru = nn.GRU(text_token_dim, question_dim // 2, batch_first=True)
@@ -197,7 +198,7 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     if side * side != n:
         side = math.isqrt(n - 1)
         if side * side != n - 1:
-            raise ConfigError(f"fusion head needs a square grid of visual tokens, got {n} tokens")
+            raise UserError(f"fusion head needs a square grid of visual tokens, got {n} tokens")
         tokens = tokens[:, 1:]
     return tokens.transpose(1, 2).reshape(b, c, side, side)
 

@@ -9,14 +9,15 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from mmlightning.registry import OPTIMIZERS, SCHEDULERS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import OPTIMIZERS, SCHEDULERS
 
 
 def _check_lr(lr: float, weight_decay: float) -> None:
     if not lr > 0:
-        raise ConfigError(f"optimizer.lr must be > 0, got {lr}")
+        raise UserError(f"optimizer.lr must be > 0, got {lr}")
     if weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {weight_decay}")
+        raise UserError(f"optimizer.weight_decay must be >= 0, got {weight_decay}")
 
 
 def _fusable(groups: list) -> bool:
@@ -33,9 +34,9 @@ def adamw(params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, betas: 
     benchmarks the optimizer step was 4-7x faster, about 4% of a clip-shapes step)."""
     _check_lr(lr, weight_decay)
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), like [0.9, 0.98]; got {list(betas)}")
+        raise UserError(f"optimizer.betas must be two numbers in [0, 1), like [0.9, 0.98]; got {list(betas)}")
     if not eps > 0:
-        raise ConfigError(f"optimizer.eps must be > 0, got {eps}")
+        raise UserError(f"optimizer.eps must be > 0, got {eps}")
     groups = list(params)
     if fused is None:
         fused = _fusable(groups)
@@ -52,9 +53,9 @@ def sgd(params: Iterable, lr: float = 0.1, weight_decay: float = 0.0, momentum: 
 
 def _check_schedule(warmup_steps: int, min_lr_ratio: float = 0.0) -> None:
     if warmup_steps < 0:
-        raise ConfigError(f"scheduler.warmup_steps must be >= 0, got {warmup_steps}")
+        raise UserError(f"scheduler.warmup_steps must be >= 0, got {warmup_steps}")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ConfigError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise UserError(f"scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
 
 
 def _warmup(step: int, warmup_steps: int) -> float:

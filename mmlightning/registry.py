@@ -15,9 +15,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A problem with a recipe, an override or a component spec, phrased for the user."""
+from mmlightning.errors import UserError
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -33,7 +31,7 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str) -> None:
     valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
     for key in kwargs:
         if key not in valid:
-            raise ConfigError(
+            raise UserError(
                 f"{where}.{key}: unknown option for {getattr(fn, '__qualname__', fn)}."
                 f"{did_you_mean(key, valid)} Valid options: {', '.join(sorted(valid)) or '(none)'}."
             )
@@ -74,7 +72,7 @@ class Registry:
         if sep and prefix in self._prefixes:
             return self._prefixes[prefix]
         where = f"{where}: " if where else ""
-        raise ConfigError(
+        raise UserError(
             f"{where}unknown {self.kind} {name!r}.{did_you_mean(name, list(self._entries))} "
             f"Valid names: {', '.join(self.names())}. Register your own with "
             f"@mmlightning.registry.{registry_variable(self)}.register('name') in a module "
@@ -84,7 +82,7 @@ class Registry:
     def check(self, spec: Mapping[str, Any], where: str) -> None:
         """Fail now, before any training, on an unknown name or keyword argument."""
         if "name" not in spec:
-            raise ConfigError(f"{where}: missing 'name'. Valid names: {', '.join(self.names())}.")
+            raise UserError(f"{where}: missing 'name'. Valid names: {', '.join(self.names())}.")
         fn = self.get(str(spec["name"]), where=f"{where}.name")
         check_kwargs(fn, {k: v for k, v in spec.items() if k != "name"}, where)
 
@@ -122,3 +120,4 @@ TASKS = Registry("task")
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("lr schedule")
 WEIGHT_REMAPS = Registry("weight remap")
+VOCABULARIES = Registry("word vocabulary")  # closed word lists for word-level tokenizers (`vocab: shapes`)

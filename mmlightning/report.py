@@ -15,6 +15,7 @@ overriding ``TaskModule.report_sections``.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmlightning.data_modules.common import LabelledImages, already_batched
-
-
-def table(columns: list[str], rows: list[list[Any]], caption: str = "") -> dict[str, Any]:
-    return {"caption": caption, "columns": columns, "rows": rows}
-
-
-def section(title: str, headline: dict[str, float], tables: list[dict[str, Any]] | None = None,
-            notes: list[str] | None = None) -> dict[str, Any]:
-    """``headline``: the few numbers that go into the bar chart and W&B summary."""
-    return {"title": title, "headline": {k: float(v) for k, v in headline.items()}, "tables": tables or [],
-            "notes": notes or []}
+from mmlightning.loggers import wandb_mode
+from mmlightning.metrics import ZeroShotAccuracy
+from mmlightning.metrics.linear_probe import linear_probe
+from mmlightning.report_blocks import section, table
 
 
 # ---------------------------------------------------------------------- measuring
@@ -51,9 +45,6 @@ def image_features(task: Any, dataset: Dataset, batch_size: int = 256) -> tuple[
 @torch.no_grad()
 def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, ...], seeds: int) -> list[dict[str, Any]]:
     """Zero-shot (when the task embeds text) and linear probes on one labelled image set."""
-    from mmlightning.metrics import ZeroShotAccuracy
-    from mmlightning.metrics.linear_probe import linear_probe
-
     classes = data.classes
     test_x, test_y = image_features(task, data.test)
     out = []
@@ -156,11 +147,7 @@ def log_to_wandb(report: dict[str, Any], paths: dict[str, Path], cfg: dict[str, 
     spec = dict(cfg.get("logger") or {})
     if spec.get("name") != "wandb":
         return None
-    import os
-
     import wandb
-
-    from mmlightning.build import wandb_mode
 
     os.environ["WANDB_DIR"] = str(run_dir.resolve())
     run = wandb.init(project=spec.get("project") or "mmlightning", entity=spec.get("entity"), dir=str(run_dir.resolve()),

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
+from mmlightning.fault_tolerance import newest_readable
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "run.json"
@@ -43,7 +44,7 @@ def new_run_dir(root: str | Path, name: str, numbered: bool = False) -> Path:
             run_dir, suffix = Path(root) / f"{name}-{suffix}", suffix + 1
     if is_global_zero():
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(
+            raise UserError(
                 f"run directory {str(run_dir)!r} already exists. Continue it with `--resume {run_dir}`, "
                 f"or pick another name with run.name=..."
             )
@@ -60,22 +61,20 @@ def find_latest_run(root: str | Path, recipe: str) -> Path:
         if info.get("recipe") == recipe and (meta.parent / "checkpoints" / "last.ckpt").is_file():
             candidates.append((meta.stat().st_mtime, meta.parent))
     if not candidates:
-        raise ConfigError(f"--resume auto: no run of recipe {recipe!r} with checkpoints/last.ckpt under {str(root)!r}.")
+        raise UserError(f"--resume auto: no run of recipe {recipe!r} with checkpoints/last.ckpt under {str(root)!r}.")
     return max(candidates)[1]
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
     """The run's newest readable checkpoint (normally ``last.ckpt``); a truncated or corrupt
     newer one is skipped with a warning."""
-    from mmlightning.fault_tolerance import newest_readable
-
     folder = run_dir / "checkpoints"
     candidates = list(folder.glob("*.ckpt")) if folder.is_dir() else []
     if not candidates:
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: no checkpoint in {folder}.")
+        raise UserError(f"cannot resume {str(run_dir)!r}: no checkpoint in {folder}.")
     chosen = newest_readable(candidates)
     if chosen is None:
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: none of its checkpoints is readable "
+        raise UserError(f"cannot resume {str(run_dir)!r}: none of its checkpoints is readable "
                           f"({', '.join(sorted(p.name for p in candidates))}).")
     return chosen
 
@@ -90,7 +89,7 @@ def eval_checkpoint(path: str | Path) -> Path:
         if best:
             return best[-1]
         return resume_checkpoint(path)
-    raise ConfigError(f"checkpoint {str(path)!r}: no such file or run directory.")
+    raise UserError(f"checkpoint {str(path)!r}: no such file or run directory.")
 
 
 def write_run_files(run_dir: Path, config_yaml: str, recipe: str, wandb_id: str) -> None:

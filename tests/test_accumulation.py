@@ -9,7 +9,7 @@ from tiny import SHAPES_CLIP
 
 from mmlightning.build import build_datamodule, build_task, build_trainer
 from mmlightning.config import load_recipe, resolve
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 # no BatchNorm (it would see 32 samples instead of 128), plain SGD so that weights move by -grad
 TOWERS = ["model.vision={name: 'timm:vit_base_patch16_224', img_size: 32, "
@@ -44,7 +44,7 @@ def test_accumulating_four_batches_equals_one_four_times_larger() -> None:
 
 def test_lightning_accumulation_on_a_contrastive_task_is_refused() -> None:
     cfg = resolve(load_recipe("clip-shapes", [*SHAPES_CLIP, "trainer.accumulate_grad_batches=4", "logger.name=none"]))
-    with pytest.raises(ConfigError, match="Use model.accumulate_batches instead"):
+    with pytest.raises(UserError, match="Use model.accumulate_batches instead"):
         build_trainer(cfg, None, task=build_task(cfg))
 
 

@@ -15,7 +15,8 @@ from mmlightning.data_modules.coco_karpathy import CaptionCollate, CocoKarpathyD
 from mmlightning.data_modules.shapes_world import vocabulary
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize, word_tokenizer
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import DATA_MODULES
 
 MAX_LENGTH = 24
 
@@ -52,7 +53,7 @@ def test_built_by_name(karpathy_fixture: Path, tokenizer) -> None:
             "image_root": str(karpathy_fixture), "batch_size": 4}
     data = DATA_MODULES.build(spec, "data", tokenizer=tokenizer, max_length=MAX_LENGTH, image_config=ImageConfig(size=64))
     assert isinstance(data, CocoKarpathyData)
-    with pytest.raises(ConfigError, match="data.train_splits.*valid: train, restval, val, test"):
+    with pytest.raises(UserError, match="data.train_splits.*valid: train, restval, val, test"):
         make(karpathy_fixture, tokenizer, train_splits=["training"])
 
 
@@ -106,27 +107,27 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_malformed_files_name_the_file_and_problem(karpathy_fixture: Path, tokenizer, tmp_path: Path) -> None:
     images = entries(karpathy_fixture)
     bad = write(tmp_path, "{not json")
-    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: not valid JSON"):
+    with pytest.raises(UserError, match=f"{re.escape(str(bad))}: not valid JSON"):
         make(karpathy_fixture, tokenizer, bad).setup()
     bad = write(tmp_path, json.dumps({"dataset": "coco", "annotations": []}))
-    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: expected a top-level list 'images'"):
+    with pytest.raises(UserError, match=f"{re.escape(str(bad))}: expected a top-level list 'images'"):
         make(karpathy_fixture, tokenizer, bad).setup()
     no_sentences = [dict(e) for e in images]
     del no_sentences[3]["sentences"]
     bad = write(tmp_path, json.dumps({"images": no_sentences}))
     problem = rf"images\[3\] \({images[3]['filename']}\) has no 'sentences'"
-    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: {problem}"):
+    with pytest.raises(UserError, match=f"{re.escape(str(bad))}: {problem}"):
         make(karpathy_fixture, tokenizer, bad).setup()
     bad_split = [dict(e) for e in images]
     bad_split[0]["split"] = "training"
     bad = write(tmp_path, json.dumps({"images": bad_split}))
-    with pytest.raises(ConfigError, match=r"images\[0\] has split 'training'; valid: train, restval, val, test"):
+    with pytest.raises(UserError, match=r"images\[0\] has split 'training'; valid: train, restval, val, test"):
         make(karpathy_fixture, tokenizer, bad).setup()
     missing = [dict(e) for e in images]
     missing[-1]["filename"] = "COCO_val2014_000000999999.jpg"  # a test image
     bad = write(tmp_path, json.dumps({"images": missing}))
     make(karpathy_fixture, tokenizer, bad).setup("fit")  # only the splits in use are checked
-    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: 1 image file.* missing .*COCO_val2014_000000999999.jpg"):
+    with pytest.raises(UserError, match=f"{re.escape(str(bad))}: 1 image file.* missing .*COCO_val2014_000000999999.jpg"):
         make(karpathy_fixture, tokenizer, bad).setup("test")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         make(karpathy_fixture, tokenizer, tmp_path / "nope.json").setup()

@@ -10,7 +10,7 @@ from tiny import SHAPES_CLIP
 from mmlightning.build import build_task
 from mmlightning.cli import main
 from mmlightning.config import load_recipe, resolve
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 
 def task_for(*overrides: str):
@@ -27,14 +27,14 @@ def task_for(*overrides: str):
     ("task=clips", "task: unknown task 'clips'. Did you mean 'clip'"),
 ])
 def test_unknown_names_list_the_choices(override: str, message: str) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         task_for(override)
     assert message in str(err.value)
 
 
 def test_unknown_name_lists_valid_names() -> None:
     # other tests in this process may have registered their own encoders: list order is sorted
-    with pytest.raises(ConfigError, match=r"Valid names: ([a-z_]+, )*shapes_cnn, timm:<name>"):
+    with pytest.raises(UserError, match=r"Valid names: ([a-z_]+, )*shapes_cnn, timm:<name>"):
         task_for("model.vision.name=nothing")
 
 

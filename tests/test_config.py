@@ -10,7 +10,7 @@ import pytest
 
 from mmlightning.cli import main
 from mmlightning.config import list_recipes, load_recipe, resolve
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 
 def test_every_recipe_has_a_description_and_composes() -> None:
@@ -45,7 +45,7 @@ def test_overrides_set_add_remove() -> None:
     ("trainer.max_epochs.x=1", "'trainer.max_epochs' is a value"),
 ])
 def test_bad_overrides_fail_with_the_key(override: str, message: str) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         load_recipe("clip-shapes", [override])
     assert message in str(err.value)
 
@@ -75,7 +75,7 @@ def test_recipe_from_path_and_cp(tmp_path: Path, capsys: pytest.CaptureFixture) 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("defaults: [_base/clip]\ntrainr: {max_epochs: 1}\n")
-    with pytest.raises(ConfigError, match="unknown top-level key 'trainr'. Did you mean 'trainer'"):
+    with pytest.raises(UserError, match="unknown top-level key 'trainr'. Did you mean 'trainer'"):
         load_recipe(path)
 
 

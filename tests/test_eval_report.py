@@ -130,14 +130,14 @@ def test_image_folder_layouts_and_errors(tmp_path: Path) -> None:
     assert batch["image"].shape == (2, 3, 32, 32) and batch["label"].tolist() == [0, 0]
     given = read_image_folder(write_image_folder(tmp_path / "given", per_class=6, split_dirs=True), config, ["a {}"])
     assert (len(given.train), len(given.test)) == (9, 9)
-    from mmlightning.registry import ConfigError
+    from mmlightning.errors import UserError
 
-    with pytest.raises(ConfigError, match="exactly one '{}'"):
+    with pytest.raises(UserError, match="exactly one '{}'"):
         read_image_folder(tmp_path / "flat", config, ["a photo"])
     (tmp_path / "one" / "cat").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="at least 2 class subfolders"):
+    with pytest.raises(UserError, match="at least 2 class subfolders"):
         read_image_folder(tmp_path / "one", config, ["a {}"])
-    with pytest.raises(ConfigError, match="is not a folder"):
+    with pytest.raises(UserError, match="is not a folder"):
         read_image_folder(tmp_path / "missing", config, ["a {}"])
 
 

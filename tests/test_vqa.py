@@ -15,8 +15,9 @@ import mmlightning.fusion  # noqa: F401  (registers the heads, whichever tests r
 from mmlightning.build import build_datamodule, build_task
 from mmlightning.cli import main
 from mmlightning.config import load_recipe, resolve
+from mmlightning.errors import UserError
 from mmlightning.losses import SoftCrossEntropy, SoftScoreBCE
-from mmlightning.registry import FUSION_HEADS, ConfigError
+from mmlightning.registry import FUSION_HEADS
 
 HEADS = {
     "concat": {},
@@ -62,12 +63,12 @@ def test_fusion_head_trains_with_falling_loss(head: str) -> None:
 
 
 def test_unknown_fusion_head_lists_choices() -> None:
-    with pytest.raises(ConfigError, match=r"unknown fusion head 'flim'.*Did you mean 'film'.*single_stream"):
+    with pytest.raises(UserError, match=r"unknown fusion head 'flim'.*Did you mean 'film'.*single_stream"):
         build_task(vqa_cfg("model.fusion={name: flim}"))
 
 
 def test_fusion_head_option_typo_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"model.fusion.chanels: unknown option.*Did you mean 'channels'"):
+    with pytest.raises(UserError, match=r"model.fusion.chanels: unknown option.*Did you mean 'channels'"):
         build_task(vqa_cfg("model.fusion={name: film, chanels: 8}"))
 
 
@@ -108,9 +109,9 @@ def test_init_from_reads_compiled_tower_keys(clip_run: Path, tmp_path: Path) -> 
 
 
 def test_init_from_with_other_towers_names_the_spec(clip_run: Path) -> None:
-    with pytest.raises(ConfigError, match=r"does not fit this recipe's model.vision; that run built it as .*width.*16"):
+    with pytest.raises(UserError, match=r"does not fit this recipe's model.vision; that run built it as .*width.*16"):
         build_task(vqa_cfg(f"model.init_from={clip_run}", "model.vision.width=8"))
-    with pytest.raises(ConfigError, match="no such file or run directory"):
+    with pytest.raises(UserError, match="no such file or run directory"):
         build_task(vqa_cfg("model.init_from=runs/nowhere"))
 
 
@@ -198,5 +199,5 @@ def test_mirror_right_asks_right_questions_as_left_about_the_mirrored_image(mirr
 def test_mirror_right_outside_zero_to_one_is_refused() -> None:
     for bad in ("[1.5]", "[0.5, -0.1]", "[]", "[true]"):
         cfg = vqa_cfg(f"data.mirror_right={bad}")
-        with pytest.raises(ConfigError, match="data.mirror_right must be a fraction"):
+        with pytest.raises(UserError, match="data.mirror_right must be a fraction"):
             build_datamodule(cfg, build_task(cfg))

@@ -14,8 +14,9 @@ from mmlightning.data_modules.shapes_world import vocabulary
 from mmlightning.data_modules.vqav2 import VQAv2Data, answer_vocabulary, blind_answers
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import word_tokenizer
+from mmlightning.errors import UserError
 from mmlightning.metrics.vqa import normalize_answer, soft_targets, vqa_accuracy
-from mmlightning.registry import DATA_MODULES, ConfigError
+from mmlightning.registry import DATA_MODULES
 
 
 def files(root: Path) -> dict[str, str]:
@@ -112,7 +113,7 @@ def test_test_split_defaults_to_val(vqav2_fixture: Path) -> None:
     dm.setup("validate")
     dm.setup("test")
     assert dm.datasets["test"] is dm.datasets["val"]
-    with pytest.raises(ConfigError, match="test_questions given without test_annotations, test_images"):
+    with pytest.raises(UserError, match="test_questions given without test_annotations, test_images"):
         make(vqav2_fixture, test_questions=files(vqav2_fixture)["val_questions"])
 
 
@@ -149,49 +150,49 @@ def test_blind_answer_of_an_unseen_question_type(broken: dict[str, str]) -> None
 
 
 def test_missing_file(broken: dict[str, str]) -> None:
-    with pytest.raises(ConfigError, match=r"data.val_questions: file '.*nope.json' does not exist"):
+    with pytest.raises(UserError, match=r"data.val_questions: file '.*nope.json' does not exist"):
         build_and_setup({**broken, "val_questions": "nope.json"})
-    with pytest.raises(ConfigError, match=r"data.train_images: folder '.*train2015' does not exist"):
+    with pytest.raises(UserError, match=r"data.train_images: folder '.*train2015' does not exist"):
         build_and_setup({**broken, "train_images": broken["train_images"].replace("2014", "2015")})
 
 
 def test_bad_json(broken: dict[str, str]) -> None:
     Path(broken["train_annotations"]).write_text('{"annotations": [')
-    with pytest.raises(ConfigError, match=r"data.train_annotations: .*v2_mscoco_train2014_annotations.json is not valid JSON"):
+    with pytest.raises(UserError, match=r"data.train_annotations: .*v2_mscoco_train2014_annotations.json is not valid JSON"):
         build_and_setup(broken)
 
 
 def test_missing_key(broken: dict[str, str]) -> None:
     edit(broken["train_annotations"], lambda d: d["annotations"][5].pop("answer_type"))
-    with pytest.raises(ConfigError, match=r"v2_mscoco_train2014_annotations.json: annotations\[5\] lacks 'answer_type'"):
+    with pytest.raises(UserError, match=r"v2_mscoco_train2014_annotations.json: annotations\[5\] lacks 'answer_type'"):
         build_and_setup(broken)
 
 
 def test_missing_key_in_questions(broken: dict[str, str]) -> None:
     edit(broken["val_questions"], lambda d: d["questions"][2].pop("question"))
-    with pytest.raises(ConfigError, match=r"v2_OpenEnded_mscoco_val2014_questions.json: questions\[2\] lacks 'question'"):
+    with pytest.raises(UserError, match=r"v2_OpenEnded_mscoco_val2014_questions.json: questions\[2\] lacks 'question'"):
         build_and_setup(broken)
 
 
 def test_wrong_type_and_empty_answers(broken: dict[str, str]) -> None:
     edit(broken["val_annotations"], lambda d: d["annotations"][0].update(question_id="42000"))
-    with pytest.raises(ConfigError, match=r"annotations\[0\]: 'question_id' should be int, got '42000'"):
+    with pytest.raises(UserError, match=r"annotations\[0\]: 'question_id' should be int, got '42000'"):
         build_and_setup(broken)
     edit(broken["val_annotations"], lambda d: d["annotations"][0].update(question_id=42000, answers=[]))
-    with pytest.raises(ConfigError, match=r"annotations\[0\]: 'answers' is empty"):
+    with pytest.raises(UserError, match=r"annotations\[0\]: 'answers' is empty"):
         build_and_setup(broken)
 
 
 def test_annotation_for_unknown_question(broken: dict[str, str]) -> None:
     edit(broken["val_annotations"], lambda d: d["annotations"][3].update(question_id=123))
-    with pytest.raises(ConfigError, match=r"val2014_annotations.json: annotations\[3\] is for question_id 123, "
+    with pytest.raises(UserError, match=r"val2014_annotations.json: annotations\[3\] is for question_id 123, "
                                           r"which is not in .*v2_OpenEnded_mscoco_val2014_questions.json"):
         build_and_setup(broken)
 
 
 def test_question_without_annotation(broken: dict[str, str]) -> None:
     edit(broken["val_annotations"], lambda d: d["annotations"].pop(0))
-    with pytest.raises(ConfigError, match=r"1 question\(s\) of .*val2014_questions.json have no annotation .* "
+    with pytest.raises(UserError, match=r"1 question\(s\) of .*val2014_questions.json have no annotation .* "
                                           r"question_id 42000"):
         build_and_setup(broken)
 
@@ -201,16 +202,16 @@ def test_missing_image(broken: dict[str, str]) -> None:
         d["questions" if "questions" in d else "annotations"][0]["image_id"] = 999
     edit(broken["val_questions"], move)
     edit(broken["val_annotations"], move)
-    with pytest.raises(ConfigError, match=r"data.val_images: 1 image file\(s\) named by .*val2014_questions.json are "
+    with pytest.raises(UserError, match=r"data.val_images: 1 image file\(s\) named by .*val2014_questions.json are "
                                           r"missing under .*val2014, e.g. COCO_val2014_000000000999.jpg"):
         build_and_setup(broken)
 
 
 def test_missing_data_subtype_and_unknown_answer_type(broken: dict[str, str]) -> None:
     edit(broken["val_annotations"], lambda d: d["annotations"][1].update(answer_type="colour"))
-    with pytest.raises(ConfigError, match=r"annotations\[1\] has answer_type 'colour', which the training annotations "
+    with pytest.raises(UserError, match=r"annotations\[1\] has answer_type 'colour', which the training annotations "
                                           r"never use \(they have number, other, yes/no\)"):
         build_and_setup(broken)
     edit(broken["train_questions"], lambda d: d.pop("data_subtype"))
-    with pytest.raises(ConfigError, match=r"train2014_questions.json lacks 'data_subtype'"):
+    with pytest.raises(UserError, match=r"train2014_questions.json lacks 'data_subtype'"):
         build_and_setup({**broken, "val_annotations": files(Path(broken["val_images"]).parent)["val_annotations"]})

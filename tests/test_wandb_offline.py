@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from wandb_offline import BLOCK_LEN, find_run_files, read_records, read_run
 
 STEPS = 1500  # enough records to fill many 32 KiB blocks, so some span two

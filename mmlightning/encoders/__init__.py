@@ -5,7 +5,7 @@ for images, ``small_transformer`` and ``hf:<config-or-dir>`` for text, ``small_d
 ``hf:<causal LM>`` as captioning decoders.
 """
 
-from mmlightning.encoders.outputs import ImageConfig, TextOutput, VisionOutput
 from mmlightning.encoders import decoder, projection, text, vision  # noqa: F401  (registers names)
+from mmlightning.encoders.outputs import ImageConfig, TextOutput, VisionOutput
 
 __all__ = ["ImageConfig", "TextOutput", "VisionOutput"]

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from mmlightning.encoders.tokenizers import named_vocabulary, word_tokenizer
-from mmlightning.registry import TEXT_DECODERS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import TEXT_DECODERS
 
 
 @TEXT_DECODERS.register("hf:")
@@ -45,7 +46,7 @@ class HFCausalDecoder(nn.Module):
         try:
             if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING and not pretrained:
                 if tokenizer is None:
-                    raise ConfigError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
+                    raise UserError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
                                       f"give tokenizer: <local dir, hub id, 'shapes' or a word-list file>.")
                 hf_config = AutoConfig.for_model(name_or_path, vocab_size=len(self.tokenizer), **ids, **overrides)
                 pretrained = False
@@ -58,12 +59,12 @@ class HFCausalDecoder(nn.Module):
                 self.model = AutoModelForCausalLM.from_config(hf_config)
         except OSError as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise ConfigError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+            raise UserError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
                               f"{str(err).splitlines()[0]} Give a local directory or a model type with config:.") from None
         except ValueError as err:  # e.g. an encoder-only architecture has no causal LM head
-            raise ConfigError(f"hf:{name_or_path}: not usable as a captioning decoder: {err}") from None
+            raise UserError(f"hf:{name_or_path}: not usable as a captioning decoder: {err}") from None
         if len(self.tokenizer) > self.model.config.vocab_size:
-            raise ConfigError(f"hf:{name_or_path}: tokenizer has {len(self.tokenizer)} tokens, the model "
+            raise UserError(f"hf:{name_or_path}: tokenizer has {len(self.tokenizer)} tokens, the model "
                               f"{self.model.config.vocab_size}.")
         positions = getattr(hf_config, "n_positions", None) or getattr(hf_config, "max_position_embeddings", max_length)
         self.max_length = min(max_length, positions)
@@ -108,13 +109,13 @@ def load_decoder_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as err:
-        raise ConfigError(f"tokenizer {name!r}: cannot load: {str(err).splitlines()[0]}") from None
+        raise UserError(f"tokenizer {name!r}: cannot load: {str(err).splitlines()[0]}") from None
     if not tok.is_fast:
-        raise ConfigError(f"tokenizer {name!r}: a fast (Rust) tokenizer is needed.")
+        raise UserError(f"tokenizer {name!r}: a fast (Rust) tokenizer is needed.")
     bos = tok.bos_token or tok.cls_token or tok.eos_token
     eos = tok.eos_token or tok.sep_token or bos
     if bos is None:
-        raise ConfigError(f"tokenizer {name!r} has no BOS/CLS/EOS token to start captions with.")
+        raise UserError(f"tokenizer {name!r} has no BOS/CLS/EOS token to start captions with.")
     tok.bos_token, tok.eos_token = bos, eos
     if tok.pad_token is None:
         tok.pad_token = eos

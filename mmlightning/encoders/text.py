@@ -16,7 +16,8 @@ from torch import nn
 from mmlightning.encoders.outputs import TextOutput
 from mmlightning.encoders.tokenizers import named_vocabulary, word_tokenizer
 from mmlightning.encoders.weights import local_path
-from mmlightning.registry import TEXT_ENCODERS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import TEXT_ENCODERS
 
 
 def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -25,7 +26,7 @@ def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     if pooling == "mean":
         m = mask.unsqueeze(-1).to(tokens.dtype)
         return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
-    raise ConfigError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    raise UserError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
 @TEXT_ENCODERS.register("small_transformer")
@@ -83,7 +84,7 @@ class HFTextEncoder(nn.Module):
                 hf_config = AutoConfig.for_model(name_or_path, **overrides)
                 pretrained = False
                 if tokenizer is None:
-                    raise ConfigError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
+                    raise UserError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
                                       f"give tokenizer: <local dir or hub id>.")
             else:
                 hf_config = AutoConfig.from_pretrained(name_or_path, **overrides)
@@ -99,7 +100,7 @@ class HFTextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
         except OSError as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise ConfigError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+            raise UserError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
                               f"{str(err).splitlines()[0]} Give a local directory with config.json "
                               f"and tokenizer files.") from None
         if grad_checkpointing:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from mmlightning.registry import ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import VOCABULARIES
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -29,14 +29,14 @@ def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 
 def named_vocabulary(vocab: str) -> list[str]:
-    """'shapes' (the embedded world's words) or a path to a text file with one word per line."""
-    if vocab == "shapes":
-        from mmlightning.data_modules.shapes_world import vocabulary
-
-        return vocabulary()
+    """A registered vocabulary's name (``shapes``: the embedded world's words, registered by
+    its data module) or a path to a text file with one word per line."""
+    if vocab in VOCABULARIES:
+        return list(VOCABULARIES.get(vocab)())
     path = Path(vocab)
     if not path.is_file():
-        raise ConfigError(f"vocab {vocab!r}: neither 'shapes' nor an existing file with one word per line.")
+        raise UserError(f"vocab {vocab!r}: neither a registered vocabulary ({', '.join(VOCABULARIES.names())}) nor "
+                        f"an existing file with one word per line.")
     return [w.strip() for w in path.read_text().splitlines() if w.strip()]
 
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from mmlightning.encoders.outputs import ImageConfig, VisionOutput
 from mmlightning.encoders.weights import local_path
-from mmlightning.registry import VISION_ENCODERS, WEIGHT_REMAPS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import VISION_ENCODERS, WEIGHT_REMAPS, did_you_mean
 
 
 @VISION_ENCODERS.register("shapes_cnn")
@@ -27,7 +28,7 @@ class SmallCNN(nn.Module):
     def __init__(self, width: int = 32, image_size: int = 64, output_dim: int = 256) -> None:
         super().__init__()
         if image_size % 8:
-            raise ConfigError(f"shapes_cnn: image_size must be a multiple of 8, got {image_size}")
+            raise UserError(f"shapes_cnn: image_size must be a multiple of 8, got {image_size}")
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -66,14 +67,12 @@ class TimmEncoder(nn.Module):
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
-            from mmlightning.registry import did_you_mean
-
-            raise ConfigError(f"model.vision.name: timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
+            raise UserError(f"model.vision.name: timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
                               f"`python -c 'import timm; print(timm.list_models(\"vit*\"))'` lists them.")
         try:
             self.model = self._create(model_name, pretrained, img_size, kwargs)
         except TypeError as err:
-            raise ConfigError(f"timm:{model_name}: {err}") from None
+            raise UserError(f"timm:{model_name}: {err}") from None
         if checkpoint_path:
             reference = None
             if checkpoint_remap:
@@ -83,7 +82,7 @@ class TimmEncoder(nn.Module):
             load_vision_checkpoint(self.model, local_path(checkpoint_path, "model.vision.checkpoint_path"),
                                    checkpoint_remap, reference)
         elif checkpoint_remap:
-            raise ConfigError("model.vision.checkpoint_remap needs a checkpoint_path.")
+            raise UserError("model.vision.checkpoint_remap needs a checkpoint_path.")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         data_cfg = timm.data.resolve_model_data_config(self.model)
@@ -124,7 +123,7 @@ def load_vision_checkpoint(model: nn.Module, path: str | Path, remap: str | None
     names the keys."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint_path {str(path)!r} does not exist.")
+        raise UserError(f"checkpoint_path {str(path)!r} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if remap:
@@ -135,5 +134,5 @@ def load_vision_checkpoint(model: nn.Module, path: str | Path, remap: str | None
     state = {k: v for k, v in state.items() if not k.startswith(tuple(h + "." for h in heads))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{path}: does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise UserError(f"{path}: does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
                           f" ({len(missing)} missing, {len(unexpected)} unexpected keys).")

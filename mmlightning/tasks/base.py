@@ -5,7 +5,6 @@ pretrain-then-finetune (``init_from`` a CLIP checkpoint, freezing a tower)."""
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,10 @@ import torch
 from torch import nn
 
 from mmlightning.encoders.outputs import ImageConfig
-from mmlightning.registry import OPTIMIZERS, SCHEDULERS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.registry import OPTIMIZERS, SCHEDULERS
+from mmlightning.report_blocks import section, table
+from mmlightning.runs import eval_checkpoint
 
 
 @dataclass
@@ -44,10 +46,10 @@ class TaskModule(L.LightningModule):
             probe = OPTIMIZERS.build(optimizer, "optimizer", params=[torch.zeros(1, requires_grad=True)])
             if scheduler:
                 SCHEDULERS.build(scheduler, "scheduler", optimizer=probe, total_steps=1)
-        except ConfigError:
+        except UserError:
             raise
         except (TypeError, ValueError, IndexError) as err:
-            raise ConfigError(f"optimizer/scheduler: {err} (optimizer: {dict(optimizer)}, scheduler: "
+            raise UserError(f"optimizer/scheduler: {err} (optimizer: {dict(optimizer)}, scheduler: "
                               f"{dict(scheduler or {})}).") from None
         self.optimizer_spec = dict(optimizer)
         self.scheduler_spec = dict(scheduler) if scheduler else None
@@ -64,13 +66,11 @@ class TaskModule(L.LightningModule):
         """Copy pretrained towers (e.g. ``{"vision": self.vision}``) from a checkpoint file or
         run directory of another task. The towers must be built as in that run; if not, the
         error shows the spec that run used."""
-        from mmlightning.runs import eval_checkpoint
-
         path = eval_checkpoint(source)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
-            raise ConfigError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
+            raise UserError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
         # a tower compiled on its own (torch.compile) or wrapped for DDP saves extra prefixes
         state = {k.replace("_orig_mod.", "").replace("module.", "", 1) if k.startswith("module.") else
                  k.replace("_orig_mod.", ""): v for k, v in ckpt.get("state_dict", {}).items()}
@@ -79,12 +79,12 @@ class TaskModule(L.LightningModule):
             prefix = f"{name}."
             weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not weights:
-                raise ConfigError(f"model.init_from: {path} holds no '{name}' tower "
+                raise UserError(f"model.init_from: {path} holds no '{name}' tower "
                                   f"(its top-level modules: {sorted({k.split('.')[0] for k in state})}).")
             try:
                 tower.load_state_dict(weights, strict=True)
             except RuntimeError as err:
-                raise ConfigError(f"model.init_from: the {name} tower in {path} does not fit this recipe's "
+                raise UserError(f"model.init_from: the {name} tower in {path} does not fit this recipe's "
                                   f"model.{name}; that run built it as {source_model.get(name, '(unknown)')}. "
                                   f"Use the same spec. ({str(err).splitlines()[0]})") from None
 
@@ -131,7 +131,7 @@ class TaskModule(L.LightningModule):
             return int(trainer.estimated_stepping_batches)
         if trainer.max_epochs in (None, -1):
             if trainer.max_steps in (None, -1):
-                raise ConfigError("trainer.max_epochs=-1 needs trainer.max_steps: the schedule needs a length.")
+                raise UserError("trainer.max_epochs=-1 needs trainer.max_steps: the schedule needs a length.")
             return trainer.max_steps
         batches = datamodule.train_batches_per_rank()
         limit = trainer.limit_train_batches
@@ -176,8 +176,6 @@ class TaskModule(L.LightningModule):
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         """This task's part of the ``mml eval`` report (see report.py), from its test metrics
         (keys without the ``test/`` prefix). By default one table of all of them."""
-        from mmlightning.report import section, table
-
         return [section("Test metrics", test_metrics, [table(["metric", "value"], [[k, v] for k, v in test_metrics.items()])])]
 
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmlightning.metrics import CaptionMetrics
 from mmlightning.encoders.weights import freeze_tower
-from mmlightning.registry import LOSSES, TASKS, TEXT_DECODERS, VISION_ENCODERS
+from mmlightning.errors import UserError
+from mmlightning.metrics import CaptionMetrics
+from mmlightning.registry import LOSSES, TASKS, TEXT_DECODERS, VISION_ENCODERS, did_you_mean
+from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule
 
 SAMPLES_PER_TABLE = 16
@@ -45,9 +47,7 @@ class CaptionTask(TaskModule):
         self.loss_fn = LOSSES.build(loss, "loss")
         self.generation = generation_options(generation)
         if self.generation["max_new_tokens"] + 1 > self.decoder.max_length:
-            from mmlightning.registry import ConfigError
-
-            raise ConfigError(f"model.generation.max_new_tokens={self.generation['max_new_tokens']} plus BOS exceeds "
+            raise UserError(f"model.generation.max_new_tokens={self.generation['max_new_tokens']} plus BOS exceeds "
                               f"the decoder's max_length {self.decoder.max_length} (its position table).")
         self.caption_metrics = {"val": CaptionMetrics(), "test": CaptionMetrics()}
 
@@ -87,8 +87,6 @@ class CaptionTask(TaskModule):
             self._table_rows = []
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-        from mmlightning.report import section, table
-
         m = test_metrics
         return [section("Captioning (test split)", {k: m[k] for k in ("BLEU-4", "CIDEr-D") if k in m},
                         [table(["metric", "value"], [[k, v] for k, v in m.items()])],
@@ -97,17 +95,15 @@ class CaptionTask(TaskModule):
 
 
 def generation_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    from mmlightning.registry import ConfigError, did_you_mean
-
     merged = dict(DEFAULT_GENERATION)
     for key, value in (options or {}).items():
         if key not in DEFAULT_GENERATION and key not in ("top_k", "temperature", "repetition_penalty",
                                                          "no_repeat_ngram_size"):
-            raise ConfigError(f"model.generation.{key}: unknown option.{did_you_mean(key, list(DEFAULT_GENERATION))} "
+            raise UserError(f"model.generation.{key}: unknown option.{did_you_mean(key, list(DEFAULT_GENERATION))} "
                               f"Valid: {', '.join(DEFAULT_GENERATION)}, top_k, temperature, "
                               f"repetition_penalty, no_repeat_ngram_size.")
         merged[key] = value
     if merged["num_beams"] < 1 or merged["max_new_tokens"] < 1:
-        raise ConfigError(f"model.generation: num_beams and max_new_tokens must be >= 1, got "
+        raise UserError(f"model.generation: num_beams and max_new_tokens must be >= 1, got "
                           f"{merged['num_beams']} and {merged['max_new_tokens']}.")
     return merged

@@ -16,8 +16,10 @@ from torch import nn
 
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.weights import freeze_tower
+from mmlightning.errors import UserError
 from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
-from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS, ConfigError
+from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
+from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ class CLIPTask(TaskModule):
                  accumulate_batches: int = 1) -> None:
         super().__init__(optimizer, scheduler)
         if accumulate_batches < 1:
-            raise ConfigError(f"model.accumulate_batches must be >= 1, got {accumulate_batches}.")
+            raise UserError(f"model.accumulate_batches must be >= 1, got {accumulate_batches}.")
         # k batches per optimizer step with negatives across all of them (see accumulating_step)
         self.accumulate_batches = accumulate_batches
         self.automatic_optimization = accumulate_batches == 1
@@ -190,8 +192,6 @@ class CLIPTask(TaskModule):
         return self.encode_image(images).float()
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-        from mmlightning.report import section, table
-
         m, ks = test_metrics, self.retrieval["test"].ks
         rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks]
                 for name, key, suffix in (("image→text", "i2t", ""), ("text→image", "t2i", ""),

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmlightning.metrics import VQAAccuracy
 from mmlightning.encoders.weights import freeze_tower
-from mmlightning.registry import FUSION_HEADS, LOSSES, TASKS, TEXT_ENCODERS, VISION_ENCODERS, ConfigError
+from mmlightning.errors import UserError
+from mmlightning.metrics import VQAAccuracy
+from mmlightning.registry import FUSION_HEADS, LOSSES, TASKS, TEXT_ENCODERS, VISION_ENCODERS
+from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule
 
 SAMPLES_PER_TABLE = 16
@@ -128,8 +130,6 @@ class VQATask(TaskModule):
             self._table_rows = []
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
-        from mmlightning.report import section, table
-
         m = test_metrics
         names = ["all", *self.type_names, *self.group_names]
         rows = [[name, m[key], m.get(f"blind_{key}", float("nan"))]
@@ -149,6 +149,6 @@ class VQATask(TaskModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("vqa_answers")
         if saved is not None and saved != self.answers:
-            raise ConfigError(f"the checkpoint's answer vocabulary ({len(saved)} answers, first {saved[:5]}) differs "
+            raise UserError(f"the checkpoint's answer vocabulary ({len(saved)} answers, first {saved[:5]}) differs "
                               f"from this data's ({len(self.answers)}, first {self.answers[:5]}): the classifier "
                               f"rows would mean different answers. Use the data the checkpoint was trained on.")
