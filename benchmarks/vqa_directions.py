@@ -1,9 +1,10 @@
 """Test-split accuracy of a shapes VQA run by question family and direction word ("left" /
 "right"): the run's summary reports relational families as a whole, and on the shapes world
-the two directions are learnt at different times (README, "Seeds, the learning rate and its
-floor"). Reads the run's own config and the checkpoint `mml fit` tested (its best, else its
-last), batches the test split as the run's test did, and prints a Markdown table whose
-family totals match the run's summary when the precision matches the one it tested at.
+the two directions are learnt at different times (docs/experiments/relational-vqa.md, "Seeds,
+the learning rate and its floor"). Reads the run's own config and the checkpoint `mml fit`
+tested (its best, else its last), batches the test split as the run's test did, and prints a
+Markdown table whose family totals match the run's summary when the precision matches the
+one it tested at.
 
     python benchmarks/vqa_directions.py runs/vqa-shapes-...
     python benchmarks/vqa_directions.py runs/x --ckpt runs/x/checkpoints/last.ckpt --precision 32-true
