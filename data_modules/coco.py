@@ -110,13 +110,11 @@ class Collate:
 class CocoCaptionsData(SplitDataModule):
     """COCO-format image-caption data (COCO, Flickr30k converted, your own)."""
 
-    zero_shot = None
-
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, train_json: str, train_images: str,
                  val_json: str, val_images: str, test_json: str | None = None, test_images: str | None = None,
                  batch_size: int = 128, eval_batch_size: int = 128, num_workers: int = 4,
-                 crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+                 crop_scale: tuple[float, float] = (0.9, 1.0), shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         self.files = {"train": (train_json, train_images), "val": (val_json, val_images),
                       "test": (test_json or val_json, test_images or val_images)}
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config

@@ -162,8 +162,8 @@ class CocoKarpathyData(SplitDataModule):
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, json_path: str, image_root: str,
                  train_splits: tuple[str, ...] | list[str] = ("train", "restval"), batch_size: int = 64,
                  eval_batch_size: int = 64, num_workers: int = 0,
-                 crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+                 crop_scale: tuple[float, float] = (0.9, 1.0), shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         train_splits = (train_splits,) if isinstance(train_splits, str) else tuple(train_splits)
         unknown = [s for s in train_splits if s not in KARPATHY_SPLITS]
         if unknown or not train_splits:

@@ -15,41 +15,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mmlightning.data_modules.base import TaskData
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
-
-
-@dataclass
-class ZeroShotSpec:
-    """Classes and prompt templates for zero-shot classification of evaluation images.
-    ``groups`` names subsets of classes to report separately (e.g. 'heldout')."""
-
-    classnames: list[str]
-    templates: list[str]
-    groups: dict[str, list[int]] = field(default_factory=dict)
-
-    def prompts(self) -> list[list[str]]:
-        return [[t.format(c) for t in self.templates] for c in self.classnames]
-
-
-@dataclass
-class LabelledImages:
-    """One image per item with one class label, for zero-shot classification and linear
-    probes (``mml eval``): ``train`` fits the probes, ``test`` scores both. Each dataset cuts
-    whole batches in ``__getitems__``: ``{"image": (B,3,H,W) float, "label": (B,) long}``."""
-
-    name: str
-    classes: ZeroShotSpec
-    train: Dataset
-    test: Dataset
 
 
 class TensorImages(Dataset):
@@ -140,15 +114,15 @@ class ResumableLoader(DataLoader):
 SPLITS_FOR_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
 
 
-class SplitDataModule(L.LightningDataModule):
+class SplitDataModule(TaskData):
     """What every data module here shares: one dataset per split, built on first use by
     ``build_split(split)``, and loaders that shuffle the training split only (dropping its
     last short batch when ``drop_last_train``: contrastive losses want full batches)."""
 
     drop_last_train = True
 
-    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
-        super().__init__()
+    def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, shuffle_seed: int = 0) -> None:
+        super().__init__(shuffle_seed)
         if batch_size < 1 or eval_batch_size < 1:
             raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
                               f"{eval_batch_size}.")
@@ -182,8 +156,6 @@ class SplitDataModule(L.LightningDataModule):
                                drop_last=self.drop_last_train, collate_fn=self.collate_fn("train"),
                                num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                batches_done=self._batches_done_this_epoch)
-
-    shuffle_seed = 0  # build_datamodule sets the run's seed
 
     def train_batches_per_rank(self) -> int:
         """Batches of one training epoch on this rank, without building a loader."""

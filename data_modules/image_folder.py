@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from mmlightning.data_modules.base import LabelledImages, ZeroShotSpec
 from mmlightning.data_modules.coco import load_image
-from mmlightning.data_modules.common import IMAGE_EXTENSIONS, LabelledImages, ZeroShotSpec
+from mmlightning.data_modules.common import IMAGE_EXTENSIONS
 from mmlightning.data_modules.transforms import eval_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError

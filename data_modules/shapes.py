@@ -13,14 +13,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_world as world
-from mmlightning.data_modules.common import (
-    LabelledImages,
-    SplitDataModule,
-    TensorImages,
-    ZeroShotSpec,
-    normalize_uint8,
-    string_ids,
-)
+from mmlightning.data_modules.base import LabelledImages, ZeroShotSpec
+from mmlightning.data_modules.common import SplitDataModule, TensorImages, normalize_uint8, string_ids
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
@@ -94,8 +88,8 @@ class ShapesCLIPData(SplitDataModule):
                  num_val: int = 1000, num_test: int = 1000, seed: int = 0, max_objects: int = 3,
                  heldout: list[list[str]] | None = None, batch_size: int = 256, eval_batch_size: int = 500,
                  num_workers: int = 0, zero_shot_templates: tuple[str, ...] = ("a {}",),
-                 num_labelled_train: int = 2400, num_labelled_test: int = 1200) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+                 num_labelled_train: int = 2400, num_labelled_test: int = 1200, shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         if not 1 <= max_objects <= 3:
             raise UserError(f"data.max_objects must be 1, 2 or 3, got {max_objects}")
         self.heldout = tuple(tuple(h) for h in heldout) if heldout is not None else world.DEFAULT_HELDOUT

@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmlightning.data_modules.base import TaskData
 from mmlightning.data_modules.common import IMAGE_EXTENSIONS
 from mmlightning.data_modules.transforms import eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
@@ -428,7 +429,7 @@ class ShardLoader(DataLoader):
 
 
 @DATA_MODULES.register("wds_captions")
-class ShardCaptionData(L.LightningDataModule):
+class ShardCaptionData(TaskData):
     """Image-caption pairs from webdataset shards, for CLIP and captioning recipes (the
     batches carry both layouts). See the module docstring for epochs, resampling and bad
     samples."""
@@ -437,8 +438,8 @@ class ShardCaptionData(L.LightningDataModule):
                  val_shards: Any = None, test_shards: Any = None, mode: str = "epochs",
                  samples_per_epoch: int | None = None, batch_size: int = 256, eval_batch_size: int = 256,
                  num_workers: int = 4, shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01,
-                 strict: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0)) -> None:
-        super().__init__()
+                 strict: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0), shuffle_seed: int = 0) -> None:
+        super().__init__(shuffle_seed)
         if mode not in ("epochs", "resampled"):
             raise UserError(f"data.mode: {mode!r} is not one of epochs, resampled.")
         if mode == "resampled" and not samples_per_epoch:
@@ -453,15 +454,12 @@ class ShardCaptionData(L.LightningDataModule):
         self.mode, self.samples_per_epoch, self.shuffle_buffer = mode, samples_per_epoch, shuffle_buffer
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.max_bad_fraction, self.strict, self.crop_scale = max_bad_fraction, strict, tuple(crop_scale)
-        self.zero_shot = None
         for split, spec in self.shards.items():  # a mistyped path fails now, not after training
             if spec:
                 expand_shards(spec, f"data.{split}_shards")
         self.streams: dict[str, ShardStream] = {}
         self.skipped: dict[str, dict[int, torch.Tensor]] = {}  # split -> reader -> its latest counts
         self.examples: dict[str, list[str]] = {}
-
-    shuffle_seed = 0  # build_datamodule sets the run's seed
 
     def stream(self, split: str) -> ShardStream:
         if split not in self.streams:

@@ -246,8 +246,8 @@ class VQAv2Data(SplitDataModule):
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, train_questions: str,
                  train_annotations: str, train_images: str, val_questions: str, val_annotations: str, val_images: str,
                  test_questions: str | None = None, test_annotations: str | None = None, test_images: str | None = None,
-                 num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+                 num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0, shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         if isinstance(num_answers, bool) or not isinstance(num_answers, int) or num_answers < 1:
             raise UserError(f"data.num_answers must be a positive integer, got {num_answers!r}")
         test = {"test_questions": test_questions, "test_annotations": test_annotations, "test_images": test_images}
@@ -274,6 +274,7 @@ class VQAv2Data(SplitDataModule):
             raise UserError(f"data.train_annotations: {train_annotations} has no non-empty answer.")
         self.answer_index = {a: k for k, a in enumerate(self.answers)}
         self.question_types: list[str] = sorted({a["answer_type"] for a in train})
+        self.type_groups: dict[str, list[str]] = {}  # VQAv2's answer types need no coarser grouping
         self.blind = blind_answers(train, self.answer_index)
         # resolve the training annotations now, so their JSON (GBs of Python objects) is freed
         self.annotated = {"train": self._resolve(train, "train")}

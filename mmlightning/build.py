@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from torch import nn
 
+from mmlightning.data_modules.base import TaskData
 from mmlightning.errors import UserError
 from mmlightning.fault_tolerance import AtomicCheckpointIO, CarryRNGState, NonFiniteGuard, StopOnSignal
 from mmlightning.loggers import build_loggers
@@ -87,8 +87,8 @@ def compile_trainable_parts(task: nn.Module, options: dict[str, Any]) -> None:
 def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
     """The data module follows the task's tokenizer and image settings; then the task sizes
     whatever depends on the data (``bind_data``)."""
-    datamodule = DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs())
-    datamodule.shuffle_seed = int(cfg.get("seed", 0))  # the training order follows the run's seed alone
+    datamodule = DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs(),
+                                    shuffle_seed=int(cfg.get("seed", 0)))  # the order follows the run's seed alone
     task.bind_data(datamodule)
     return datamodule
 
@@ -145,26 +145,12 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
     (e.g. the shard reader's bad-sample log)."""
     trainer_kwargs = dict(cfg.get("trainer") or {})
     check_kwargs(L.Trainer.__init__, trainer_kwargs, "trainer")
-    if trainer_kwargs.get("strategy") == "ddp" and getattr(task, "leaves_parameters_unused", False):
-        # e.g. a fusion head that reads grid tokens leaves the tower's pooling layer without
-        # gradients, which plain DDP treats as an error
-        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    if task is not None:
+        trainer_kwargs = task.configure_trainer(trainer_kwargs)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    if getattr(task, "accumulate_batches", 1) > 1:
-        if (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1:
-            raise UserError("set model.accumulate_batches or trainer.accumulate_grad_batches, not both: the "
-                              "task accumulates itself, keeping every batch's negatives.")
-        # the task steps its optimizer itself; Lightning does not clip gradients for it
-        task.clip_gradient_value = trainer_kwargs.pop("gradient_clip_val", None)
-        task.clip_gradient_algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None) or "norm"
-    elif (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1 and getattr(task, "accumulate_batches", None) == 1 \
-            and hasattr(task, "accumulating_step"):
-        raise UserError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
-                          "negatives than the accumulated batch). Use model.accumulate_batches instead: the same "
-                          "loss and gradients as one batch that many times larger.")
     callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
                             NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop")]
-    if datamodule is not None and hasattr(datamodule, "callbacks"):
+    if isinstance(datamodule, TaskData):
         callbacks += datamodule.callbacks()
     plugins: list[Any] = []
     if not str(trainer_kwargs.get("strategy", "auto")).startswith(("fsdp", "deepspeed")):  # those save shards their own way

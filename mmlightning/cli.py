@@ -251,9 +251,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     task = build_task(cfg, load_pretrained=False)  # the checkpoint holds every weight
     datamodule = build_datamodule(cfg, task)
-    labelled = [datamodule.labelled_images()] if hasattr(datamodule, "labelled_images") else []
+    labelled = [images for images in [datamodule.labelled_images()] if images is not None]
     if args.image_folder:
-        recipe_templates = getattr(getattr(datamodule, "classes", None), "templates", None)
+        recipe_templates = labelled[0].classes.templates if labelled else None
         templates = args.template or recipe_templates or ["a photo of a {}."]
         labelled.append(read_image_folder(args.image_folder, task.data_spec().image_config, templates, seed=cfg["seed"]))
     trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task, datamodule=datamodule)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -24,6 +26,17 @@ def _fusable(groups: list) -> bool:
     """torch's fused AdamW kernel runs on CPU and CUDA floating-point tensors."""
     tensors = [t for g in groups for t in (g["params"] if isinstance(g, dict) else [g])]
     return all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
+
+
+def build_optimizer(spec: dict[str, Any], param_groups: list[dict[str, Any]], clips_gradients: bool) -> torch.optim.Optimizer:
+    """The recipe's ``optimizer:`` over ``param_groups``. With gradient clipping, an optimizer
+    whose ``fused`` is left to choose (null) is built unfused: Lightning's mixed-precision
+    plugins refuse to clip a fused optimizer's gradients."""
+    spec = dict(spec)
+    if clips_gradients and spec.get("fused") is None and "fused" in inspect.signature(
+            OPTIMIZERS.get(str(spec.get("name")), "optimizer.name")).parameters:
+        spec["fused"] = False
+    return OPTIMIZERS.build(spec, "optimizer", params=param_groups)
 
 
 @OPTIMIZERS.register("adamw")

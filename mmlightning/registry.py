@@ -4,7 +4,9 @@
     class MyCNN(nn.Module): ...
 
 A recipe then says ``model.vision.name: my_cnn`` and the remaining keys of that node become
-keyword arguments. A *prefix* entry (``timm:<model>``, ``hf:<config-or-dir>``) hands the part
+keyword arguments. A component that declares a ``where: str`` parameter is given the recipe
+path it is built at (``"model.vision"``), so its errors name the user's key wherever the
+recipe puts it. A *prefix* entry (``timm:<model>``, ``hf:<config-or-dir>``) hands the part
 after the colon to one factory, so any timm or transformers model is one word away.
 """
 
@@ -23,12 +25,16 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+FRAMEWORK_ARGUMENTS = ("where",)  # given by Registry.build, never by a recipe
+
+
 def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str) -> None:
     """Fail with the key's full path if ``kwargs`` holds a name ``fn`` does not take."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
+             and n not in FRAMEWORK_ARGUMENTS]
     for key in kwargs:
         if key not in valid:
             raise UserError(
@@ -92,7 +98,13 @@ class Registry:
         self.check(spec, where)
         name = str(spec["name"])
         kwargs = {k: v for k, v in spec.items() if k != "name"}
+        taken = sorted(set(kwargs) & set(extra))
+        if taken:
+            raise UserError(f"{where}.{taken[0]}: set by the framework, not the recipe (from the task's towers and "
+                            f"the run's seed); remove it.")
         fn = self.get(name)
+        if "where" in inspect.signature(fn).parameters:
+            extra = {**extra, "where": where}
         if name in self._entries:
             return fn(**kwargs, **extra)
         return fn(name.partition(":")[2], **kwargs, **extra)

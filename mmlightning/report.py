@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmlightning.data_modules.common import LabelledImages, already_batched
+from mmlightning.data_modules.base import LabelledImages
+from mmlightning.data_modules.common import already_batched
 from mmlightning.loggers import wandb_mode
 from mmlightning.metrics import ZeroShotAccuracy
 from mmlightning.metrics.linear_probe import linear_probe
@@ -75,7 +76,7 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
         [table(["training images", "top-1", "std over draws", "draws", "C"], rows,
                f"{len(train_y)} training / {len(test_y)} test images, {n_classes} classes")],
         ["Logistic regression (scikit-learn, L-BFGS) on frozen image features, standardised; C from "
-         f"{{0.01, 0.1, 1, 10, 100}} by accuracy on held-out training images, never the test set."]))
+         "{0.01, 0.1, 1, 10, 100} by accuracy on held-out training images, never the test set."]))
     return out
 
 

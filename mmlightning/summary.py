@@ -33,15 +33,10 @@ def print_summary(cfg: dict[str, Any], run_dir: Path, trainer: Any, test_metrics
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     table = Table(title=f"{cfg['recipe']}: test split, {trainer.global_step} steps in {fit_seconds:.0f}s")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    blind = {k.replace("/blind_", "/", 1): v for k, v in summary["test"].items() if "/blind_" in k}
-    if blind:  # VQA: what the model scores next to what a model blind to the image scores
-        table.add_column("blind baseline", justify="right")
-    for key, value in summary["test"].items():
-        if "/blind_" in key:
-            continue
-        row = [key, f"{value:.4f}"] + ([f"{blind[key]:.4f}" if key in blind else ""] if blind else [])
+    columns, rows = trainer.lightning_module.summary_rows(summary["test"])
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
         table.add_row(*row)
     console = Console()
     console.print(table)

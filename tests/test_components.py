@@ -158,3 +158,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(minilm_dir: Path) -> No
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_every_prefix_factory_defaults_to_fresh_weights() -> None:
+    """Changing a tower's name never starts a download: ``pretrained`` is off unless asked."""
+    import inspect
+
+    from mmlightning.build import import_components
+    from mmlightning.registry import TEXT_DECODERS, TEXT_ENCODERS, VISION_ENCODERS
+
+    import_components()
+    checked = []
+    for registry in (VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS):
+        for prefix, factory in registry._prefixes.items():
+            parameter = inspect.signature(factory).parameters.get("pretrained")
+            if parameter is not None:
+                checked.append(f"{registry.kind} {prefix}:")
+                assert parameter.default is False, f"{registry.kind} {prefix}: defaults to pretrained={parameter.default}"
+    assert len(checked) >= 3  # timm:, hf: text, hf: decoder
+
+
+def test_components_name_the_recipe_key_they_are_built_at() -> None:
+    from mmlightning.build import import_components
+    from mmlightning.registry import VISION_ENCODERS
+
+    import_components()
+    with pytest.raises(UserError, match=r"^model\.fusion_side\.name: timm has no model 'resnet_nope'"):
+        VISION_ENCODERS.build({"name": "timm:resnet_nope"}, "model.fusion_side")
+    with pytest.raises(UserError, match=r"model\.vision\.where: unknown option"):
+        VISION_ENCODERS.build({"name": "timm:resnet18", "where": "x"}, "model.vision")

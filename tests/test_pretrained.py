@@ -64,7 +64,7 @@ def test_minilm_tower_equals_sentence_transformers() -> None:
     from sentence_transformers import SentenceTransformer
 
     sentences = ["a small red circle left of a large blue square", "a photo of a cat", "espresso"]
-    tower = TEXT_ENCODERS.build({"name": MINILM, "pooling": "mean"}, "model.text").eval()
+    tower = TEXT_ENCODERS.build({"name": MINILM, "pretrained": True, "pooling": "mean"}, "model.text").eval()
     batch = tower.tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = F.normalize(tower(batch["input_ids"], batch["attention_mask"]).pooled, dim=-1)

@@ -26,15 +26,17 @@ from mmlightning.registry import TEXT_DECODERS
 class HFCausalDecoder(nn.Module):
     """``hf:<name>``: ``AutoModelForCausalLM`` with cross-attention switched on.
 
-    - a local directory loads its weights (the new cross-attention layers start fresh);
-    - ``pretrained: false`` builds from the config with fresh weights; ``config:`` overrides
+    - ``pretrained: true`` loads the weights from a local directory or the hub (the new
+      cross-attention layers start fresh);
+    - ``pretrained: false`` (default: nothing is fetched unasked) builds from the config with
+      fresh weights; ``config:`` overrides
       fields (``n_layer: 2``);
     - a model type with ``pretrained: false`` (``hf:gpt2``) builds from ``config:`` alone and
       needs ``tokenizer:``: a directory, a hub id, ``shapes`` or a word-list file.
     """
 
-    def __init__(self, name_or_path: str, pretrained: bool = True, config: dict[str, Any] | None = None,
-                 tokenizer: str | None = None, max_length: int = 32) -> None:
+    def __init__(self, name_or_path: str, pretrained: bool = False, config: dict[str, Any] | None = None,
+                 tokenizer: str | None = None, max_length: int = 32, where: str = "model.decoder") -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -46,7 +48,7 @@ class HFCausalDecoder(nn.Module):
         try:
             if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING and not pretrained:
                 if tokenizer is None:
-                    raise UserError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
+                    raise UserError(f"{where}.tokenizer: hf:{name_or_path} is built from a config and has no vocabulary: "
                                       f"give tokenizer: <local dir, hub id, 'shapes' or a word-list file>.")
                 hf_config = AutoConfig.for_model(name_or_path, vocab_size=len(self.tokenizer), **ids, **overrides)
                 pretrained = False
@@ -59,12 +61,12 @@ class HFCausalDecoder(nn.Module):
                 self.model = AutoModelForCausalLM.from_config(hf_config)
         except OSError as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise UserError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+            raise UserError(f"{where}.name: hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
                               f"{str(err).splitlines()[0]} Give a local directory or a model type with config:.") from None
         except ValueError as err:  # e.g. an encoder-only architecture has no causal LM head
-            raise UserError(f"hf:{name_or_path}: not usable as a captioning decoder: {err}") from None
+            raise UserError(f"{where}.name: hf:{name_or_path}: not usable as a captioning decoder: {err}") from None
         if len(self.tokenizer) > self.model.config.vocab_size:
-            raise UserError(f"hf:{name_or_path}: tokenizer has {len(self.tokenizer)} tokens, the model "
+            raise UserError(f"{where}.tokenizer: hf:{name_or_path}: tokenizer has {len(self.tokenizer)} tokens, the model "
                               f"{self.model.config.vocab_size}.")
         positions = getattr(hf_config, "n_positions", None) or getattr(hf_config, "max_position_embeddings", max_length)
         self.max_length = min(max_length, positions)

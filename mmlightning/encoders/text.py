@@ -60,31 +60,32 @@ class SmallTextTransformer(nn.Module):
 class HFTextEncoder(nn.Module):
     """``hf:<local dir | hub id | model type>``: a transformers encoder (BERT, RoBERTa, ...).
 
-    - a local directory loads its weights and tokenizer (works offline);
-    - ``pretrained: false`` builds the architecture from its config with fresh weights;
+    - ``pretrained: true`` loads the weights from a local directory (works offline) or the hub;
+    - ``pretrained: false`` (default, as for every tower source: nothing is fetched unasked)
+      builds the architecture from its config with fresh weights;
       ``config:`` overrides config fields (e.g. ``num_hidden_layers: 2`` to shrink it);
     - a model type (``hf:bert``) builds from ``config:`` alone and needs ``tokenizer:``.
     """
 
-    def __init__(self, name_or_path: str, pretrained: bool = True, config: dict[str, Any] | None = None,
+    def __init__(self, name_or_path: str, pretrained: bool = False, config: dict[str, Any] | None = None,
                  tokenizer: str | None = None, pooling: str = "cls", max_length: int = 64,
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, where: str = "model.text") -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         overrides = dict(config or {})
         if name_or_path.startswith("pkg:"):  # a model folder shipped inside an installed package
-            name_or_path = str(local_path(name_or_path, "model.text.name"))
+            name_or_path = str(local_path(name_or_path, f"{where}.name"))
         if tokenizer and tokenizer.startswith("pkg:"):
-            tokenizer = str(local_path(tokenizer, "model.text.tokenizer"))
+            tokenizer = str(local_path(tokenizer, f"{where}.tokenizer"))
         is_dir = Path(name_or_path).is_dir()
         try:
             if not is_dir and name_or_path in CONFIG_MAPPING:
                 hf_config = AutoConfig.for_model(name_or_path, **overrides)
                 pretrained = False
                 if tokenizer is None:
-                    raise UserError(f"hf:{name_or_path} is built from a config and has no vocabulary: "
+                    raise UserError(f"{where}.tokenizer: hf:{name_or_path} is built from a config and has no vocabulary: "
                                       f"give tokenizer: <local dir or hub id>.")
             else:
                 hf_config = AutoConfig.from_pretrained(name_or_path, **overrides)
@@ -100,7 +101,7 @@ class HFTextEncoder(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
         except OSError as err:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise UserError(f"hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+            raise UserError(f"{where}.name: hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
                               f"{str(err).splitlines()[0]} Give a local directory with config.json "
                               f"and tokenizer files.") from None
         if grad_checkpointing:

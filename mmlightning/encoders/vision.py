@@ -63,26 +63,26 @@ class TimmEncoder(nn.Module):
 
     def __init__(self, model_name: str, pretrained: bool = False, checkpoint_path: str | None = None,
                  checkpoint_remap: str | None = None, img_size: int | None = None, grad_checkpointing: bool = False,
-                 model_kwargs: dict[str, Any] | None = None) -> None:
+                 model_kwargs: dict[str, Any] | None = None, where: str = "model.vision") -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
-            raise UserError(f"model.vision.name: timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
+            raise UserError(f"{where}.name: timm has no model {model_name!r}.{did_you_mean(model_name, timm.list_models())} "
                               f"`python -c 'import timm; print(timm.list_models(\"vit*\"))'` lists them.")
         try:
             self.model = self._create(model_name, pretrained, img_size, kwargs)
         except TypeError as err:
-            raise UserError(f"timm:{model_name}: {err}") from None
+            raise UserError(f"{where}.name: timm:{model_name}: {err}") from None
         if checkpoint_path:
             reference = None
             if checkpoint_remap:
                 with torch.device("meta"):  # the layout with its classifier, as checkpoints are saved
                     full = self._create(model_name, False, img_size, {**kwargs, "num_classes": None})
                 reference = {k: v.shape for k, v in full.state_dict().items()}
-            load_vision_checkpoint(self.model, local_path(checkpoint_path, "model.vision.checkpoint_path"),
-                                   checkpoint_remap, reference)
+            load_vision_checkpoint(self.model, local_path(checkpoint_path, f"{where}.checkpoint_path"),
+                                   checkpoint_remap, reference, where)
         elif checkpoint_remap:
-            raise UserError("model.vision.checkpoint_remap needs a checkpoint_path.")
+            raise UserError(f"{where}.checkpoint_remap needs a checkpoint_path.")
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         data_cfg = timm.data.resolve_model_data_config(self.model)
@@ -117,17 +117,17 @@ class TimmEncoder(nn.Module):
 
 
 def load_vision_checkpoint(model: nn.Module, path: str | Path, remap: str | None = None,
-                           reference: dict[str, torch.Size] | None = None) -> None:
+                           reference: dict[str, torch.Size] | None = None, where: str = "model.vision") -> None:
     """Load a local state dict, first through the ``remap`` named (onto the ``reference``
     layout); keys of the (removed) classifier are dropped, any other mismatch is an error that
     names the keys."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint_path {str(path)!r} does not exist.")
+        raise UserError(f"{where}.checkpoint_path: {str(path)!r} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if remap:
-        state = WEIGHT_REMAPS.build({"name": remap}, "model.vision.checkpoint_remap", state=state,
+        state = WEIGHT_REMAPS.build({"name": remap}, f"{where}.checkpoint_remap", state=state,
                                     reference=reference, source=str(path))
     head = getattr(model, "default_cfg", {}).get("classifier", "head")
     heads = (head,) if isinstance(head, str) else tuple(head)

@@ -13,8 +13,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from mmlightning.data_modules.base import TaskData
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
+from mmlightning.optim import build_optimizer
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS
 from mmlightning.report_blocks import section, table
 from mmlightning.runs import eval_checkpoint
@@ -34,9 +36,7 @@ class DataSpec:
 
 
 class TaskModule(L.LightningModule):
-    accumulate_batches = 1  # > 1: the task accumulates batches itself (manual optimization)
-    clip_gradient_value: float | None = None  # set by build_trainer when the task optimizes manually
-    clip_gradient_algorithm: str = "norm"
+    leaves_parameters_unused = False  # True: some parameters may get no gradient in a step (DDP must know)
 
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -105,12 +105,26 @@ class TaskModule(L.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    # ------------------------------------------------------------------ hooks into the Trainer
+    def configure_trainer(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's ``trainer:`` arguments, adjusted for this task before the Trainer is
+        built; a task that needs more (e.g. CLIP's own accumulation) extends this."""
+        if trainer_kwargs.get("strategy") == "ddp" and self.leaves_parameters_unused:
+            # e.g. a fusion head that reads grid tokens leaves the tower's pooling layer without
+            # gradients, which plain DDP treats as an error
+            trainer_kwargs = {**trainer_kwargs, "strategy": "ddp_find_unused_parameters_true"}
+        return trainer_kwargs
+
+    def clips_gradients(self) -> bool:
+        """Whether gradients are clipped in this fit (by Lightning, or by the task itself)."""
+        return bool(self.trainer.gradient_clip_val)
+
+    def optimizer_steps_per_epoch(self, batches: int) -> int:
+        """Optimizer steps in an epoch of ``batches`` training batches on this rank."""
+        return math.ceil(batches / self.trainer.accumulate_grad_batches)
+
     def configure_optimizers(self) -> Any:
-        spec = dict(self.optimizer_spec)
-        if spec.get("name") == "adamw" and spec.get("fused") is None and (self.trainer.gradient_clip_val
-                                                                         or self.clip_gradient_value):
-            spec["fused"] = False  # Lightning's mixed-precision plugin will not clip a fused optimizer's gradients
-        optimizer = OPTIMIZERS.build(spec, "optimizer", params=self.parameter_groups())
+        optimizer = build_optimizer(self.optimizer_spec, self.parameter_groups(), self.clips_gradients())
         if not self.scheduler_spec:
             return optimizer
         scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer,
@@ -127,7 +141,7 @@ class TaskModule(L.LightningModule):
         loader early, which drops a resumed loader's mid-epoch position (Lightning #20550)."""
         trainer = self.trainer
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "train_batches_per_rank"):  # loaders passed to fit() directly
+        if not isinstance(datamodule, TaskData):  # loaders passed to fit() directly
             return int(trainer.estimated_stepping_batches)
         if trainer.max_epochs in (None, -1):
             if trainer.max_steps in (None, -1):
@@ -139,11 +153,7 @@ class TaskModule(L.LightningModule):
             batches = min(batches, limit)
         elif limit is not None:
             batches = int(batches * limit)
-        if self.accumulate_batches > 1:  # the task accumulates itself and drops a short last group
-            steps_per_epoch = batches // self.accumulate_batches
-        else:
-            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-        steps = steps_per_epoch * max(trainer.max_epochs, 1)
+        steps = self.optimizer_steps_per_epoch(batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps not in (None, -1) else steps
 
     # ------------------------------------------------------------------ evaluation
@@ -177,6 +187,11 @@ class TaskModule(L.LightningModule):
         """This task's part of the ``mml eval`` report (see report.py), from its test metrics
         (keys without the ``test/`` prefix). By default one table of all of them."""
         return [section("Test metrics", test_metrics, [table(["metric", "value"], [[k, v] for k, v in test_metrics.items()])])]
+
+    def summary_rows(self, test_metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+        """The table ``mml fit`` prints at the end: its columns and rows (by default each test
+        metric and its value)."""
+        return ["metric", "value"], [[key, f"{value:.4f}"] for key, value in test_metrics.items()]
 
     def log_samples(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A table of examples (images as tensors normalised for the vision tower) in W&B, for

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlightning.data_modules.base import TaskData, ZeroShotSpec
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
@@ -21,9 +22,6 @@ from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
 from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule
-
-if TYPE_CHECKING:
-    from mmlightning.data_modules.common import ZeroShotSpec
 
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 
@@ -41,6 +39,8 @@ class CLIPTask(TaskModule):
         # k batches per optimizer step with negatives across all of them (see accumulating_step)
         self.accumulate_batches = accumulate_batches
         self.automatic_optimization = accumulate_batches == 1
+        self.clip_gradient_value: float | None = None  # taken over from the Trainer when accumulating (configure_trainer)
+        self.clip_gradient_algorithm = "norm"
         self._cached: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.text = TEXT_ENCODERS.build(text, "model.text")
@@ -137,6 +137,33 @@ class CLIPTask(TaskModule):
         self.log("train/logit_scale", scale.detach())
         return None
 
+    def configure_trainer(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """With ``model.accumulate_batches`` the task steps its optimizer itself, so it takes
+        the gradient clipping over from Lightning; Lightning's own accumulation is refused
+        (it would score each batch only against its own negatives)."""
+        trainer_kwargs = super().configure_trainer(trainer_kwargs)
+        lightning_accumulates = (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1
+        if self.accumulate_batches > 1:
+            if lightning_accumulates:
+                raise UserError("set model.accumulate_batches or trainer.accumulate_grad_batches, not both: the "
+                                "task accumulates itself, keeping every batch's negatives.")
+            trainer_kwargs = dict(trainer_kwargs)
+            self.clip_gradient_value = trainer_kwargs.pop("gradient_clip_val", None)
+            self.clip_gradient_algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None) or "norm"
+        elif lightning_accumulates:
+            raise UserError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
+                            "negatives than the accumulated batch). Use model.accumulate_batches instead: the same "
+                            "loss and gradients as one batch that many times larger.")
+        return trainer_kwargs
+
+    def clips_gradients(self) -> bool:
+        return bool(self.clip_gradient_value) or super().clips_gradients()
+
+    def optimizer_steps_per_epoch(self, batches: int) -> int:
+        if self.accumulate_batches > 1:  # the task accumulates itself and drops a short last group
+            return batches // self.accumulate_batches
+        return super().optimizer_steps_per_epoch(batches)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.accumulate_batches > 1 and self.clip_gradient_value:
             self.clip_gradients(optimizer, gradient_clip_val=self.clip_gradient_value,
@@ -169,7 +196,8 @@ class CLIPTask(TaskModule):
         return F.normalize(per_class, dim=-1)
 
     def build_zero_shot_classifier(self) -> None:
-        spec = getattr(getattr(self.trainer, "datamodule", None), "zero_shot", None)
+        datamodule = self.trainer.datamodule
+        spec = datamodule.zero_shot if isinstance(datamodule, TaskData) else None
         self.classifier = None if spec is None else self.zero_shot_classifier(spec)
         if spec is not None:
             for stage in ("val", "test"):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmlightning.data_modules.base import AnswerVocabulary
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
 from mmlightning.metrics import VQAAccuracy
@@ -61,6 +62,10 @@ class VQATask(TaskModule):
     def bind_data(self, datamodule: Any) -> None:
         """The classifier's width is the data's answer vocabulary; metrics group by the data's
         question types (answer types for VQAv2, question families for shapes)."""
+        if not isinstance(datamodule, AnswerVocabulary):
+            raise UserError(f"task vqa needs data with an answer vocabulary (answers, question_types, type_groups); "
+                            f"data module {type(datamodule).__name__} has none. Data modules that have one: "
+                            f"shapes_vqa, vqav2.")
         self.answers = list(datamodule.answers)
         self.classifier = nn.Sequential(
             nn.Linear(self.fusion.output_dim, self.classifier_hidden), nn.GELU(), nn.Dropout(self.dropout),
@@ -68,7 +73,7 @@ class VQATask(TaskModule):
         )
         self.type_names = list(datamodule.question_types)
         # optional coarser grouping of question types, e.g. relational vs non-relational
-        groups: dict[str, list[str]] = dict(getattr(datamodule, "type_groups", {}) or {})
+        groups: dict[str, list[str]] = dict(datamodule.type_groups)
         self.group_names = list(groups)
         lookup = torch.full((len(self.type_names),), -1, dtype=torch.long)
         for g, members in enumerate(groups.values()):
@@ -128,6 +133,13 @@ class VQATask(TaskModule):
             self.log_samples(f"{stage}/samples", ["image", "question", "predicted", "answer", "accuracy"],
                              self._table_rows)
             self._table_rows = []
+
+    def summary_rows(self, test_metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+        """Each accuracy beside what the same model scores blind to the image."""
+        blind = {k.replace("/blind_", "/", 1): v for k, v in test_metrics.items() if "/blind_" in k}
+        rows = [[key, f"{value:.4f}", f"{blind[key]:.4f}" if key in blind else ""]
+                for key, value in test_metrics.items() if "/blind_" not in key]
+        return ["metric", "value", "blind baseline"], rows
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         m = test_metrics
