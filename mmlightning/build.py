@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,26 +118,67 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 class ProgressBar(RichProgressBar):
-    """Rich's bar, redrawn every ``every`` training batches rather than every one: each redraw
-    turns the logged tensors into Python numbers, a host-device sync per step on a GPU."""
+    """Rich's bar (elapsed, time left), with the loss and training samples per second, redrawn
+    every ``every`` training batches rather than every one: each redraw turns the logged
+    tensors into Python numbers, a host-device sync per step on a GPU."""
 
     def __init__(self, every: int) -> None:
         super().__init__(leave=True)
         self.every = max(1, int(every))
+        self.samples = 0  # training samples since the last redraw
+        self.since = time.perf_counter()
+        self.samples_per_second: float | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self.samples += batch_size_of(batch)
         if (batch_idx + 1) % self.every == 0 or batch_idx + 1 == self.total_train_batches:
+            now = time.perf_counter()
+            self.samples_per_second = self.samples * trainer.world_size / max(now - self.since, 1e-9)
+            self.samples, self.since = 0, now
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def configure_columns(self, trainer: L.Trainer) -> list:
+        # Rich's batches/s reads 0 when redrawn every few batches; samples/s (metrics) replaces it
+        return [c for c in super().configure_columns(trainer) if type(c).__name__ != "ProcessingSpeedColumn"]
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.samples, self.since = 0, time.perf_counter()  # validation time is not training speed
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         # the loss is logged without prog_bar=True, which would make Lightning itself convert
         # it every step; read here, it costs one conversion per redraw
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: the run directory already says it
         loss = trainer.logged_metrics.get("train/loss")
         if loss is not None:
             metrics["loss"] = f"{float(loss):.4g}"
+        if self.samples_per_second is not None:
+            metrics["samples/s"] = f"{self.samples_per_second:.0f}"
         return metrics
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the length of its images (every task's batches carry them)."""
+    images = batch.get("image") if isinstance(batch, dict) else None
+    return int(images.shape[0]) if images is not None else 0
+
+
+class FitHeader(L.Callback):
+    """One line before training: the model's size, precision and devices (in place of
+    Lightning's model-summary table and hardware lines)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        total = sum(p.numel() for p in pl_module.parameters())
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        recipe = (getattr(pl_module, "recipe", None) or {}).get("recipe", type(pl_module).__name__)
+        print(f"{recipe}: {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), precision "
+              f"{trainer.precision}, {trainer.world_size} x {trainer.strategy.root_device.type}, "
+              f"{trainer.num_training_batches if trainer.num_training_batches != float('inf') else '?'} "
+              f"batches per epoch", flush=True)
 
 
 def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
@@ -148,7 +190,8 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
     if task is not None:
         trainer_kwargs = task.configure_trainer(trainer_kwargs)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    callbacks: list[Any] = [ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
+    trainer_kwargs.setdefault("enable_model_summary", False)  # FitHeader says it in one line
+    callbacks: list[Any] = [FitHeader(), ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
                             NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop")]
     if isinstance(datamodule, TaskData):
         callbacks += datamodule.callbacks()

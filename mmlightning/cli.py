@@ -1,6 +1,7 @@
 """``mml``: list, show, copy, check and run recipes.
 
     mml ls [filter]                      recipes and their descriptions
+    mml ls --components [--markdown]     every registered component name, by kind
     mml show RECIPE [key=value ...]      the resolved config
     mml cp RECIPE PATH                   copy a recipe to edit
     mml check RECIPE [key=value ...]     build everything, one forward pass, no training
@@ -12,8 +13,8 @@
     mml data write shapes|coco OUT [--format wds|coco|vqav2] ...   |   mml data inspect SHARDS
 
 RECIPE is a packaged recipe's name or a path to a YAML file. Overrides: ``key=value`` changes
-a key, ``+key=value`` adds one, ``~key`` removes one. ``ls``, ``show`` and ``cp`` never
-import torch.
+a key, ``+key=value`` adds one, ``~key`` removes one. ``ls`` (without --components),
+``show`` and ``cp`` never import torch. ``-v`` shows what other libraries print.
 """
 
 from __future__ import annotations
@@ -28,15 +29,25 @@ from pathlib import Path
 from typing import Any
 
 from mmlightning import config as C
+from mmlightning.console import quiet_third_party
 from mmlightning.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show what other libraries print (hardware lines, W&B banners, deprecation warnings)")
+    # -v works after the command too: `mml fit clip-shapes -v`
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ls", help="list recipes")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[verbose], **k)  # type: ignore[method-assign]
+    p = sub.add_parser("ls", help="list recipes, or with --components every registered component name")
     p.add_argument("filter", nargs="?", default="")
+    p.add_argument("--components", action="store_true", help="list the names a recipe can use, by kind")
+    p.add_argument("--markdown", action="store_true", help="with --components: as the docs page docs/components.md")
     for name, text in (("show", "print the resolved config"), ("check", "build and run one forward pass")):
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe")
@@ -96,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    if not args.verbose:
+        quiet_third_party()
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
@@ -106,11 +119,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    if args.components:
+        print(components_listing(args.filter, args.markdown), end="")
+        return 0
     rows = C.list_recipes(args.filter)
     width = max((len(n) for n, _ in rows), default=0)
     for name, desc in rows:
         print(f"{name:<{width}}  {desc}")
     return 0
+
+
+def escape_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def components_listing(filter_text: str = "", markdown: bool = False) -> str:
+    """Every registered name by kind, with the first line of its docstring."""
+    from mmlightning.build import import_components
+    from mmlightning.registry import all_registries
+
+    import_components()
+
+    def summary(obj: Any) -> str:
+        """The docstring's first sentence."""
+        paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
+        end = paragraph.find(". ")
+        return paragraph if end < 0 else paragraph[:end + 1]
+
+    lines = ["# Components", "",
+             "Every name a recipe can use, by kind, with the recipe key that takes it. This page is the output of",
+             "`mml ls --components --markdown` (a test keeps them equal); `mml ls --components` prints it as text.",
+             "Register your own with `@REGISTRY.register(\"name\")` in a module listed under `imports:`",
+             "(see [Extending](extending.md)).", ""] if markdown else []
+    for registry in all_registries():
+        entries = [(n, summary(obj)) for n, obj in registry.entries() if filter_text in n or filter_text in registry.kind]
+        if not entries:
+            continue
+        if markdown:
+            lines += [f"## {registry.kind}", "", f"Recipe key: `{registry.key}`", "", "| name | what it is |", "|---|---|"]
+            lines += [f"| `{name}` | {escape_cell(text)} |" for name, text in entries]
+        else:
+            width = max(len(n) for n, _ in entries)
+            lines.append(f"{registry.kind} ({registry.key})")
+            lines += [f"  {name:<{width}}  {text[:100]}" for name, text in entries]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -46,6 +46,9 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> l
         project=spec.get("project") or "mmlightning", entity=spec.get("entity"), group=spec.get("group"),
         tags=list(spec.get("tags") or []), notes=spec.get("notes"),
     )
+    # Lightning passes wandb.init `anonymous=None`, which wandb >= 0.19 warns about on every run
+    # whatever its value; leaving it out is the same setting
+    wandb_logger._wandb_init.pop("anonymous", None)
     # CSV beside W&B: a plain-text record that needs no tool to read
     return [wandb_logger, CSVLogger(save_dir=str(run_dir), name="csv", version="")]
 

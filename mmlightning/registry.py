@@ -46,8 +46,9 @@ def check_kwargs(fn: Callable, kwargs: Mapping[str, Any], where: str) -> None:
 class Registry:
     """Maps names to classes or factory functions of one kind of component."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, key: str) -> None:
         self.kind = kind
+        self.key = key  # where a recipe names one, e.g. "model.vision.name"
         self._entries: dict[str, Callable[..., Any]] = {}
         self._prefixes: dict[str, Callable[..., Any]] = {}
 
@@ -70,6 +71,11 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._entries) + [f"{p}:<name>" for p in sorted(self._prefixes)]
+
+    def entries(self) -> list[tuple[str, Callable[..., Any]]]:
+        """(name, class or factory) for every name, as ``names()`` spells them."""
+        return [(n, self._entries[n]) for n in sorted(self._entries)] + [
+            (f"{p}:<name>", self._prefixes[p]) for p in sorted(self._prefixes)]
 
     def get(self, name: str, where: str = "") -> Callable[..., Any]:
         if name in self._entries:
@@ -121,15 +127,21 @@ def registry_variable(reg: Registry) -> str:
     return "Registry"
 
 
-VISION_ENCODERS = Registry("vision encoder")
-TEXT_ENCODERS = Registry("text encoder")
-TEXT_DECODERS = Registry("text decoder")
-PROJECTIONS = Registry("projection head")
-FUSION_HEADS = Registry("fusion head")
-LOSSES = Registry("loss")
-DATA_MODULES = Registry("data module")
-TASKS = Registry("task")
-OPTIMIZERS = Registry("optimizer")
-SCHEDULERS = Registry("lr schedule")
-WEIGHT_REMAPS = Registry("weight remap")
-VOCABULARIES = Registry("word vocabulary")  # closed word lists for word-level tokenizers (`vocab: shapes`)
+VISION_ENCODERS = Registry("vision encoder", "model.vision.name")
+TEXT_ENCODERS = Registry("text encoder", "model.text.name")
+TEXT_DECODERS = Registry("text decoder", "model.decoder.name")
+PROJECTIONS = Registry("projection head", "model.projection.name")
+FUSION_HEADS = Registry("fusion head", "model.fusion.name")
+LOSSES = Registry("loss", "loss.name")
+DATA_MODULES = Registry("data module", "data.name")
+TASKS = Registry("task", "task")
+OPTIMIZERS = Registry("optimizer", "optimizer.name")
+SCHEDULERS = Registry("lr schedule", "scheduler.name")
+WEIGHT_REMAPS = Registry("weight remap", "model.vision.checkpoint_remap")
+VOCABULARIES = Registry("word vocabulary", "model.text.vocab")  # closed word lists for word-level tokenizers
+
+
+def all_registries() -> list[Registry]:
+    """Every kind of component, in the order the docs list them."""
+    return [VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS, PROJECTIONS, FUSION_HEADS, LOSSES, DATA_MODULES, TASKS,
+            OPTIMIZERS, SCHEDULERS, WEIGHT_REMAPS, VOCABULARIES]

@@ -32,13 +32,14 @@ def print_summary(cfg: dict[str, Any], run_dir: Path, trainer: Any, test_metrics
         "wandb_run": wandb_run_dir(trainer),
     }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    table = Table(title=f"{cfg['recipe']}: test split, {trainer.global_step} steps in {fit_seconds:.0f}s")
+    table = Table()
     columns, rows = trainer.lightning_module.summary_rows(summary["test"])
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
     console = Console()
+    console.print(f"{cfg['recipe']}: test split, after {trainer.global_step} steps in {fit_seconds:.0f}s")
     console.print(table)
     console.print(f"run directory:   {run_dir}")
     console.print(f"best checkpoint: {best_checkpoint or '(none: no monitored metric)'}")

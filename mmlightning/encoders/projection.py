@@ -9,10 +9,12 @@ from mmlightning.registry import PROJECTIONS
 
 @PROJECTIONS.register("linear")
 def linear(in_dim: int, out_dim: int, bias: bool = False) -> nn.Module:
+    """One linear map, without bias as in CLIP."""
     return nn.Linear(in_dim, out_dim, bias=bias)
 
 
 @PROJECTIONS.register("mlp")
 def mlp(in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.0) -> nn.Module:
+    """Linear, GELU, dropout, linear (``hidden_dim`` defaults to the input width)."""
     hidden = hidden_dim or in_dim
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))

@@ -30,6 +30,8 @@ DEFAULT_GENERATION = {"num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 1,
 
 @TASKS.register("caption")
 class CaptionTask(TaskModule):
+    """Image captioning: a vision tower's tokens into a text decoder by cross-attention; generated captions scored by BLEU, ROUGE-L and CIDEr-D."""
+
     leaves_parameters_unused = True  # heads that read only tokens leave the towers' pooling idle
 
     def __init__(self, vision: dict[str, Any], decoder: dict[str, Any], loss: dict[str, Any],

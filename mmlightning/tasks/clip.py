@@ -28,6 +28,8 @@ MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 
 @TASKS.register("clip")
 class CLIPTask(TaskModule):
+    """Contrastive image-text pretraining (CLIP, SigLIP, LiT): two towers, projections and a temperature; retrieval and zero-shot metrics."""
+
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], loss: dict[str, Any], optimizer: dict[str, Any],
                  scheduler: dict[str, Any] | None = None, embed_dim: int = 256,
                  projection: dict[str, Any] | None = None, freeze_vision: bool = False,

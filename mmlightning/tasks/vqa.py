@@ -32,6 +32,8 @@ SAMPLES_PER_TABLE = 16
 
 @TASKS.register("vqa")
 class VQATask(TaskModule):
+    """Visual question answering as classification over the data's answers, through a fusion head; VQA accuracy per question type beside a blind baseline."""
+
     leaves_parameters_unused = True  # heads that read only tokens leave the towers' pooling idle
 
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], fusion: dict[str, Any], loss: dict[str, Any],
