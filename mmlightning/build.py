@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from torch import nn
 
 from mmlightning.data_modules.base import TaskData
@@ -73,6 +76,30 @@ def build_task(cfg: dict[str, Any], load_pretrained: bool = True):
     if cfg.get("compile"):
         compile_trainable_parts(task, dict(cfg.get("compile_options") or {}))
     return task
+
+
+def check_data(datamodule: Any) -> None:
+    """Before anything is created or trained: one epoch holds a training batch, and the
+    validation and test splits the run will use are not empty."""
+    if not isinstance(datamodule, TaskData):
+        return
+    datamodule.setup("fit")
+    if datamodule.train_batches_per_rank() < 1:
+        raise UserError(f"data: one training epoch makes no full batch of data.batch_size="
+                        f"{getattr(datamodule, 'batch_size', '?')} (the last short batch is dropped): give more "
+                        f"training samples or a smaller data.batch_size.")
+    datamodule.setup("test")
+    for split, loader in (("val", datamodule.val_dataloader()), ("test", datamodule.test_dataloader())):
+        if isinstance(loader, list):  # this data has no such split configured, and the run will not use it
+            continue
+        try:
+            batches = len(loader)
+        except TypeError:  # a stream of unknown length
+            continue
+        if batches == 0:
+            raise UserError(f"data: the {split} split is empty; the run would train and then have nothing to "
+                            f"{'validate' if split == 'val' else 'test'} on. Check the data's {split} files or "
+                            f"split names.")
 
 
 def compile_trainable_parts(task: nn.Module, options: dict[str, Any]) -> None:
@@ -181,6 +208,62 @@ class FitHeader(L.Callback):
               f"batches per epoch", flush=True)
 
 
+def warn_about_cpu_processes(trainer_kwargs: dict[str, Any]) -> None:
+    devices, accelerator = trainer_kwargs.get("devices"), str(trainer_kwargs.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and devices * int(trainer_kwargs.get("num_nodes") or 1) > cores:
+        warnings.warn(f"trainer.devices={devices} starts {devices} training processes on this machine's {cores} CPU "
+                      f"cores: each runs slower than one process alone would.", stacklevel=2)
+
+
+class PlainProgress(ProgressBarBase):
+    """Progress for logs (stdout not a terminal: a file, nohup, SLURM): a plain line every
+    ``every`` training batches with the step, loss, samples/s and the epoch's time left."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = max(1, int(every))
+        self.enabled = True
+        self.samples, self.epoch_start = 0, time.perf_counter()
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.samples, self.epoch_start = 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.samples += batch_size_of(batch)
+        total = self.total_train_batches
+        if not self.enabled or not trainer.is_global_zero or ((batch_idx + 1) % self.every and batch_idx + 1 != total):
+            return
+        elapsed = time.perf_counter() - self.epoch_start
+        loss = trainer.logged_metrics.get("train/loss")
+        left = elapsed / (batch_idx + 1) * (total - batch_idx - 1) if isinstance(total, int) else float("nan")
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} batch {batch_idx + 1}/{total} "
+              f"step {trainer.global_step}" + (f" loss {float(loss):.4g}" if loss is not None else "")
+              + f" samples/s {self.samples * trainer.world_size / max(elapsed, 1e-9):.0f}"
+              + (f" epoch left {left:.0f}s" if left == left else ""), flush=True)
+
+
+class EpochMetrics(L.Callback):
+    """The validation metrics, one line at each validation's end (rank 0), so a log shows
+    how the run goes without opening W&B."""
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        shown = {k[4:]: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+        if shown:
+            print(f"validation, epoch {trainer.current_epoch + 1}: "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
+
+
 def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
                   enable_checkpointing: bool = True, task: Any = None, datamodule: Any = None) -> L.Trainer:
     """``datamodule.callbacks()``, where a data module has one, joins the Trainer's callbacks
@@ -190,8 +273,11 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
     if task is not None:
         trainer_kwargs = task.configure_trainer(trainer_kwargs)
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
+    warn_about_cpu_processes(trainer_kwargs)
     trainer_kwargs.setdefault("enable_model_summary", False)  # FitHeader says it in one line
-    callbacks: list[Any] = [FitHeader(), ProgressBar(every=trainer_kwargs.get("log_every_n_steps") or 50), CarryRNGState(),
+    every = trainer_kwargs.get("log_every_n_steps") or 50
+    progress = ProgressBar(every) if sys.stdout.isatty() else PlainProgress(every)
+    callbacks: list[Any] = [FitHeader(), progress, EpochMetrics(), CarryRNGState(),
                             NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop")]
     if isinstance(datamodule, TaskData):
         callbacks += datamodule.callbacks()

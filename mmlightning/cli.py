@@ -6,13 +6,14 @@
     mml cp RECIPE PATH                   copy a recipe to edit
     mml check RECIPE [key=value ...]     build everything, one forward pass, no training
     mml fit RECIPE [key=value ...] [--resume RUN_DIR|auto]
-    mml validate|test RECIPE [key=value ...] --ckpt CKPT_OR_RUN_DIR
-    mml eval RECIPE --ckpt CKPT_OR_RUN_DIR [--image-folder DIR --template T ...]   perception report
-    mml predict RECIPE --ckpt CKPT_OR_RUN_DIR --images DIR [--out FILE]   caption images
+    mml validate|test RUN_DIR|CKPT [key=value ...]       (or RECIPE --ckpt CKPT_OR_RUN_DIR)
+    mml eval RUN_DIR|CKPT [--image-folder DIR --template T ...]   perception report
+    mml predict RUN_DIR|CKPT --images DIR [--out FILE]   caption or classify images
     mml export CKPT_OR_RUN_DIR --format open_clip|hf --out DIR
     mml data write shapes|coco OUT [--format wds|coco|vqav2] ...   |   mml data inspect SHARDS
 
-RECIPE is a packaged recipe's name or a path to a YAML file. Overrides: ``key=value`` changes
+RECIPE is a packaged recipe's name or a path to a YAML file; a run directory (or a checkpoint
+in one) stands for the recipe it was trained with, its own config.yaml. Overrides: ``key=value`` changes
 a key, ``+key=value`` adds one, ``~key`` removes one. ``ls`` (without --components),
 ``show`` and ``cp`` never import torch. ``-v`` shows what other libraries print.
 """
@@ -20,6 +21,7 @@ a key, ``+key=value`` adds one, ``~key`` removes one. ``ls`` (without --componen
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import shutil
 import sys
@@ -61,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="a run directory, or 'auto' for the newest run of this recipe")
     for name in ("validate", "test"):
         p = sub.add_parser(name, help=f"evaluate on the {'validation' if name == 'validate' else 'test'} split")
-        p.add_argument("recipe")
-        p.add_argument("overrides", nargs="*")
+        p.add_argument("recipe", help="a run directory or a checkpoint in one (built from the run's config), or a "
+                       "recipe with --ckpt")
+        p.add_argument("overrides", nargs="*", help="key=value changes on top, e.g. another test split")
         p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
     p = sub.add_parser("eval", help="the perception report of a checkpoint: JSON, Markdown and a chart beside it")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="a run directory or a checkpoint in one, or a recipe with --ckpt")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint); `ckpt=...` works too")
     p.add_argument("--image-folder", help="also classify this folder of class-named subfolders (zero-shot, probes)")
@@ -73,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                    "class name; repeat for several (default: the recipe's, else 'a photo of a {}.')")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16], help="few-shot probe sizes, images per class")
     p.add_argument("--seeds", type=int, default=3, help="draws per few-shot probe")
-    p = sub.add_parser("predict", help="caption a folder of images with a trained captioning checkpoint")
-    p.add_argument("recipe")
+    p = sub.add_parser("predict", help="what a trained model says of each image in a folder: a caption (captioning) "
+                       "or the zero-shot class (CLIP)")
+    p.add_argument("recipe", help="a run directory or a checkpoint in one, or a recipe with --ckpt")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--ckpt", required=True, help="checkpoint file or run directory (its best checkpoint)")
+    p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp), searched recursively")
     p.add_argument("--out", help="write {file: caption} JSON here (default: print only)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -130,7 +134,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def escape_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """A docstring line as a Markdown table cell: rST ``code`` as `code`, and a pipe that
+    does not end the cell (inside code spans too)."""
+    return text.replace("``", "`").replace("|", "&#124;")
 
 
 def components_listing(filter_text: str = "", markdown: bool = False) -> str:
@@ -141,10 +147,12 @@ def components_listing(filter_text: str = "", markdown: bool = False) -> str:
     import_components()
 
     def summary(obj: Any) -> str:
-        """The docstring's first sentence."""
+        """The docstring's first paragraph, cut after the first sentence that ends at least 40
+        characters in (so "Glimpses." keeps its explanation and "et al." does not end one)."""
         paragraph = " ".join((obj.__doc__ or "").strip().split("\n\n")[0].split())
-        end = paragraph.find(". ")
-        return paragraph if end < 0 else paragraph[:end + 1]
+        end = next((m.end() for m in re.finditer(r"(?<!\bal)(?<!e\.g)\.(?= [A-Z(])", paragraph) if m.end() >= 40),
+                   None)
+        return paragraph[:end] if end else paragraph
 
     lines = ["# Components", "",
              "Every name a recipe can use, by kind, with the recipe key that takes it. This page is the output of",
@@ -203,41 +211,61 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from mmlightning import runs
+    import lightning as L
 
-    resume = args.resume
-    recipe_cfg = C.load_recipe(args.recipe, args.overrides)
-    cfg = C.resolve(recipe_cfg)
-    resume = resume or (cfg.get("run") or {}).get("resume")
+    from mmlightning import runs
+    from mmlightning.build import build_datamodule, build_task, check_data
+
+    cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
+    resume = args.resume or (cfg.get("run") or {}).get("resume")
     run_root = Path((cfg.get("run") or {}).get("root") or "runs")
-    ckpt_path = None
+    ckpt_path, run_dir = None, None
     if resume:
         run_dir = runs.find_latest_run(run_root, cfg["recipe"]) if resume == "auto" else Path(resume)
         ckpt_path = runs.resume_checkpoint(run_dir)
-        saved = run_dir / runs.CONFIG_FILE
-        cfg = C.resolve(C.load_recipe(saved, [o for o in args.overrides]))
+        saved_cfg = run_dir / runs.CONFIG_FILE
+        if not saved_cfg.is_file():
+            raise UserError(f"--resume {run_dir}: not a run directory (no {runs.CONFIG_FILE}).")
+        saved = C.resolve(C.load_recipe(saved_cfg, args.overrides))
+        if (saved["recipe"], saved["task"]) != (cfg["recipe"], cfg["task"]):
+            raise UserError(f"--resume {run_dir}: that run is recipe {saved['recipe']!r} (task {saved['task']!r}), not "
+                            f"{cfg['recipe']!r} (task {cfg['task']!r}). Resume it with `mml fit {saved['recipe']} "
+                            f"--resume {run_dir}`.")
+        summary = run_dir / runs.SUMMARY_FILE
+        longer = any(o.lstrip("+").split("=")[0] in ("trainer.max_epochs", "trainer.max_steps") for o in args.overrides)
+        if summary.is_file() and not longer:
+            print(f"{run_dir} finished already (its test metrics are in {summary}); nothing to resume. To train it "
+                  f"longer, resume with trainer.max_epochs=N.")
+            return 0
+        cfg = saved
         wandb_id = runs.read_meta(run_dir).get("wandb_id") or runs.new_wandb_id()
-        print(f"resuming {run_dir} from {ckpt_path.name}")
-    else:
+    # everything that can fail is built and checked before the run directory exists
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    task = build_task(cfg, load_pretrained=ckpt_path is None)
+    datamodule = build_datamodule(cfg, task)
+    check_data(datamodule)
+    if run_dir is None:
         chosen = (cfg.get("run") or {}).get("name")
         run_dir = runs.new_run_dir(run_root, chosen or runs.default_run_name(cfg["recipe"]), numbered=not chosen)
         wandb_id = runs.new_wandb_id()
+    else:
+        print(f"resuming {run_dir} from {ckpt_path.name}")
     cfg.setdefault("run", {})["name"] = run_dir.name
     runs.write_run_files(run_dir, C.to_yaml(cfg), cfg["recipe"], wandb_id)
-    return _fit(cfg, run_dir, ckpt_path, wandb_id)
+    try:
+        return _fit(cfg, run_dir, ckpt_path, wandb_id, task, datamodule)
+    except BaseException:
+        if ckpt_path is None and runs.is_global_zero() and not list(run_dir.glob("checkpoints/*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: the name stays free for the retry
+        raise
 
 
-def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: str) -> int:
-    import lightning as L
-
-    from mmlightning.build import build_datamodule, build_task, build_trainer
+def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: str, task: Any, datamodule: Any) -> int:
+    from mmlightning.build import build_trainer
     from mmlightning.fault_tolerance import Interrupted, NonFiniteLoss
     from mmlightning.loggers import finish_loggers
     from mmlightning.summary import print_summary
 
-    L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    task = build_task(cfg, load_pretrained=ckpt_path is None)
-    datamodule = build_datamodule(cfg, task)
     trainer = build_trainer(cfg, run_dir, wandb_id, task=task, datamodule=datamodule)
     start = time.time()
     try:
@@ -263,22 +291,61 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
     return 0
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_for_checkpoint(recipe: str, ckpt: str | None, overrides: list[str], command: str) -> tuple[dict[str, Any], Path]:
+    """The config and checkpoint ``mml test|validate|eval|predict`` use. RECIPE may be a run
+    directory or a checkpoint in one: the run's own config builds the model (overrides apply
+    on top). A recipe given with ``--ckpt`` from a run must build the same model as that run."""
+    from mmlightning import runs
+
+    path = Path(recipe)
+    if path.suffix == ".ckpt" or path.is_dir():
+        ckpt_path = runs.eval_checkpoint(ckpt or path)
+        run_dir = runs.run_dir_of(path) or runs.run_dir_of(ckpt_path)
+        if run_dir is None:
+            raise UserError(f"{recipe}: not a run directory or a checkpoint in one (no {runs.CONFIG_FILE} beside "
+                            f"it); give the recipe it was trained with: `mml {command} RECIPE --ckpt {recipe}`.")
+        return C.resolve(C.load_recipe(run_dir / runs.CONFIG_FILE, overrides)), ckpt_path
+    typed = C.resolve(C.load_recipe(recipe, overrides))
+    if not ckpt:
+        raise UserError(f"mml {command} needs trained weights: give a run directory (`mml {command} runs/<run>`) or "
+                        f"--ckpt CHECKPOINT_OR_RUN_DIR.")
+    ckpt_path = runs.eval_checkpoint(ckpt)
+    run_dir = runs.run_dir_of(ckpt_path)
+    if run_dir is None:
+        return typed, ckpt_path
+    saved = C.resolve(C.load_recipe(run_dir / runs.CONFIG_FILE, overrides))
+    mine, theirs = flatten({"task": typed["task"], "model": typed.get("model")}), \
+        flatten({"task": saved["task"], "model": saved.get("model")})
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "model.init_from")
+    if differing:
+        shown = "; ".join(f"{k}: run {theirs.get(k)!r}, recipe {mine.get(k)!r}" for k in differing[:4])
+        raise UserError(f"--ckpt {ckpt} is from run {run_dir}, which was built otherwise than recipe {recipe!r} "
+                        f"({shown}{'; ...' if len(differing) > 4 else ''}). Give the run alone: "
+                        f"`mml {command} {run_dir}`.")
+    return saved, ckpt_path
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import lightning as L
 
-    from mmlightning import runs
     from mmlightning.build import build_datamodule, build_task, build_trainer
 
-    cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
+    cfg, ckpt = config_for_checkpoint(args.recipe, args.ckpt, args.overrides, args.command)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    task = build_task(cfg, load_pretrained=not args.ckpt)
+    task = build_task(cfg, load_pretrained=False)  # the checkpoint holds every weight
     datamodule = build_datamodule(cfg, task)
     trainer = build_trainer(cfg, run_dir=None, enable_checkpointing=False, task=task, datamodule=datamodule)
-    ckpt = str(runs.eval_checkpoint(args.ckpt)) if args.ckpt else None
-    if ckpt is None:
-        print("note: no --ckpt given; evaluating freshly initialised weights", file=sys.stderr)
     run = trainer.validate if args.command == "validate" else trainer.test
-    results = run(task, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    results = run(task, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
     for key, value in sorted((results[0] if results else {}).items()):
         print(f"{key:<28} {value:.4f}")
     return 0
@@ -287,20 +354,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import lightning as L
 
-    from mmlightning import report, runs
+    from mmlightning import report
     from mmlightning.build import build_datamodule, build_task, build_trainer
     from mmlightning.data_modules.image_folder import read_image_folder
 
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("ckpt=")]
     overrides = [o for o in args.overrides if not o.startswith("ckpt=")]
-    if not (args.ckpt or given):
-        raise UserError("mml eval needs a checkpoint: --ckpt (or ckpt=) a .ckpt file or a run directory.")
     if args.ckpt and given and args.ckpt != given[-1]:
         raise UserError(f"two checkpoints given: --ckpt {args.ckpt} and ckpt={given[-1]}; give one.")
     if any(k < 1 for k in args.shots) or args.seeds < 1:
         raise UserError(f"--shots and --seeds must be >= 1, got {args.shots} and {args.seeds}.")
-    ckpt = runs.eval_checkpoint(args.ckpt or given[-1])
-    cfg = C.resolve(C.load_recipe(args.recipe, overrides))
+    cfg, ckpt = config_for_checkpoint(args.recipe, args.ckpt or (given[-1] if given else None), overrides, "eval")
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     task = build_task(cfg, load_pretrained=False)  # the checkpoint holds every weight
     datamodule = build_datamodule(cfg, task)
@@ -334,23 +398,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mmlightning import runs
-    from mmlightning.build import build_task
+    from mmlightning.build import build_datamodule, build_task
     from mmlightning.data_modules.coco import load_image
     from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, image_files
     from mmlightning.data_modules.transforms import eval_transform
 
-    cfg = C.resolve(C.load_recipe(args.recipe, args.overrides))
+    cfg, ckpt = config_for_checkpoint(args.recipe, args.ckpt, args.overrides, "predict")
     task = build_task(cfg, load_pretrained=False)  # the checkpoint below holds every weight
-    if not hasattr(task, "caption"):
-        raise UserError(f"mml predict captions images; recipe {cfg['recipe']!r} is a {cfg['task']!r} task.")
+    datamodule = build_datamodule(cfg, task)  # its classes, for tasks that name one per image
     folder = Path(args.images)
     if not folder.is_dir():
         raise UserError(f"--images {str(folder)!r} is not a folder.")
     files = image_files(folder)
     if not files:
         raise UserError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
-    ckpt = runs.eval_checkpoint(args.ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     missing, unexpected = task.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -358,24 +419,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           f"{unexpected[:4]}. Give the recipe (or run directory config.yaml) it was trained with.")
     task.eval()
     transform = eval_transform(task.data_spec().image_config)
-    captions: dict[str, str] = {}
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        images = torch.stack([transform(load_image(p)) for p in chunk])
-        for path, text in zip(chunk, task.caption(images)):
-            captions[str(path.relative_to(folder))] = text
-            print(f"{path.relative_to(folder)}\t{text}")
+    answers: dict[str, str] = {}
+    with torch.no_grad():
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            images = torch.stack([transform(load_image(p)) for p in chunk])
+            for path, text in zip(chunk, task.predict_images(images, datamodule)):
+                answers[str(path.relative_to(folder))] = text
+                print(f"{path.relative_to(folder)}\t{text}")
     if args.out:
-        Path(args.out).write_text(json.dumps(captions, indent=2))
+        Path(args.out).write_text(json.dumps(answers, indent=2))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mmlightning.export import FORMATS, load_task
 
+    out_dir = Path(args.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {str(out_dir)!r} exists and is not an empty folder; give a new one.")
     task, path = load_task(args.ckpt)
-    if task.recipe.get("task") != "clip":
-        raise UserError(f"mml export writes CLIP models; {path} is a {task.recipe.get('task')!r} task.")
     write, how_to_load = FORMATS[args.format]
     out = write(task, Path(args.out))
     print(f"wrote {out}: load it with {how_to_load.format(out=out)}")
@@ -400,6 +463,9 @@ def cmd_data(args: argparse.Namespace) -> int:
         writer = write.write_coco if args.format == "coco" else write.write_vqav2
         summary = writer(args.split, args.num, args.seed, args.image_size, args.out)
     print(json.dumps(summary, indent=2))
+    if summary.get("problems"):  # scripts and CI see a damaged shard set by the exit code
+        print(f"mml data inspect: {len(summary['problems'])} problem(s) found", file=sys.stderr)
+        return 1
     return 0
 
 

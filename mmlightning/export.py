@@ -51,6 +51,8 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     cfg = checkpoint.get("mmlightning_recipe")
     if not cfg:
         raise UserError(f"{path}: not an mmlightning checkpoint (no recipe inside).")
+    if cfg.get("task") != "clip":
+        raise UserError(f"mml export writes CLIP models; {path} is a {cfg.get('task')!r} task.")
     model = dict(cfg["model"])  # the checkpoint overwrites every weight: fetch or read no pretrained ones
     if str(model["vision"].get("name", "")).startswith("timm:"):
         model["vision"] = {**model["vision"], "pretrained": False, "checkpoint_path": None, "checkpoint_remap": None}

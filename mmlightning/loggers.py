@@ -3,11 +3,14 @@ and closing them at the end of a command. Imported by ``build`` and ``report``."
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from mmlightning.errors import UserError
 from mmlightning.registry import did_you_mean
@@ -25,13 +28,36 @@ def wandb_mode(requested: str) -> str:
     return "online" if has_key else "offline"
 
 
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but an existing ``metrics.csv`` (a resumed run's) is continued
+    under its own header, where Lightning's deletes it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``csv/metrics.csv`` keeps every step across resumes (steps after the last checkpoint of
+    an interrupted run appear twice: as first trained, and as trained again)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> list[Any]:
     spec = dict(cfg.get("logger") or {"name": "none"})
     kind = spec.pop("name", "none")
     if kind == "none":
         return []
     if kind == "csv":
-        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+        return [AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     if kind != "wandb":
         raise UserError(f"logger.name: unknown logger {kind!r}. Valid: wandb, csv, none.")
     mode = wandb_mode(str(spec.pop("mode", "auto")))
@@ -50,7 +76,7 @@ def build_loggers(cfg: dict[str, Any], run_dir: Path, wandb_id: str | None) -> l
     # whatever its value; leaving it out is the same setting
     wandb_logger._wandb_init.pop("anonymous", None)
     # CSV beside W&B: a plain-text record that needs no tool to read
-    return [wandb_logger, CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    return [wandb_logger, AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")]
 
 
 def finish_loggers(trainer: Any, status: str = "success") -> None:

@@ -76,8 +76,17 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
         [table(["training images", "top-1", "std over draws", "draws", "C"], rows,
                f"{len(train_y)} training / {len(test_y)} test images, {n_classes} classes")],
         ["Logistic regression (scikit-learn, L-BFGS) on frozen image features, standardised; C from "
-         "{0.01, 0.1, 1, 10, 100} by accuracy on held-out training images, never the test set."]))
+         "{0.01, 0.1, 1, 10, 100} by accuracy on held-out training images, never the test set.",
+         *skipped_shots(shots, probe, train_y)]))
     return out
+
+
+def skipped_shots(shots: tuple[int, ...], probe: dict[str, Any], train_y: torch.Tensor) -> list[str]:
+    skipped = [str(k) for k in shots if f"{k}-shot" not in probe]
+    if not skipped:
+        return []
+    smallest = int(torch.bincount(train_y).min())
+    return [f"Skipped {', '.join(skipped)}-shot: the smallest class has {smallest} training image(s)."]
 
 
 def build_report(task: Any, recipe: str, checkpoint: Path, test_metrics: dict[str, float],

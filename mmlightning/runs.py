@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlightning.errors import UserError
-from mmlightning.fault_tolerance import newest_readable
+from mmlightning.fault_tolerance import newest_readable, readable_checkpoint
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "run.json"
@@ -83,6 +83,8 @@ def eval_checkpoint(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
     path = Path(path)
     if path.is_file():
+        if not readable_checkpoint(path):
+            raise UserError(f"checkpoint {str(path)!r} cannot be read: truncated, or not a checkpoint.")
         return path
     if path.is_dir():
         best = sorted((path / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -90,6 +92,16 @@ def eval_checkpoint(path: str | Path) -> Path:
             return best[-1]
         return resume_checkpoint(path)
     raise UserError(f"checkpoint {str(path)!r}: no such file or run directory.")
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory ``path`` is, or the one a checkpoint in it belongs to
+    (``runs/<run>/checkpoints/best-step=100.ckpt``); None outside a run."""
+    path = Path(path)
+    for candidate in ([path.parent, path.parent.parent] if path.is_file() else [path]):
+        if (candidate / CONFIG_FILE).is_file() and (candidate / META_FILE).is_file():
+            return candidate
+    return None
 
 
 def write_run_files(run_dir: Path, config_yaml: str, recipe: str, wandb_id: str) -> None:

@@ -23,7 +23,7 @@ def task_for(*overrides: str):
     ("loss.name=clipp", "loss.name: unknown loss 'clipp'. Did you mean 'clip'"),
     ("optimizer.name=adamw2", "unknown optimizer 'adamw2'"),
     ("model.vision.name=timm:vit_tiny_patch16_22", "timm has no model 'vit_tiny_patch16_22'. Did you mean 'vit_tiny_patch16_224'"),
-    ("model.text.name=hf:/no/such/dir", "hf:/no/such/dir: cannot load"),
+    ("model.text.name=hf:/no/such/dir", "model.text.name: '/no/such/dir': no such directory"),
     ("task=clips", "task: unknown task 'clips'. Did you mean 'clip'"),
 ])
 def test_unknown_names_list_the_choices(override: str, message: str) -> None:

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from mmlightning.encoders.tokenizers import named_vocabulary, word_tokenizer
+from mmlightning.encoders.weights import local_path, missing_folder
 from mmlightning.errors import UserError
-from mmlightning.registry import TEXT_DECODERS
+from mmlightning.registry import TEXT_DECODERS, VOCABULARIES
 
 
 @TEXT_DECODERS.register("hf:")
@@ -41,6 +42,7 @@ class HFCausalDecoder(nn.Module):
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        missing_folder(name_or_path, f"{where}.name")
         self.tokenizer = load_decoder_tokenizer(tokenizer or name_or_path)
         overrides = {"add_cross_attention": True, "is_decoder": True, **(config or {})}
         ids = {"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
@@ -104,7 +106,10 @@ def load_decoder_tokenizer(name: str):
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    if name == "shapes" or Path(name).is_file():
+    if name.startswith("pkg:"):  # a tokenizer folder shipped inside an installed package, as text towers take
+        name = str(local_path(name, "model.decoder.tokenizer"))
+    missing_folder(name, "model.decoder.tokenizer")
+    if name in VOCABULARIES or Path(name).is_file():
         tok = word_tokenizer(named_vocabulary(name))
         tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
         return tok

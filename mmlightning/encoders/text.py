@@ -15,7 +15,7 @@ from torch import nn
 
 from mmlightning.encoders.outputs import TextOutput
 from mmlightning.encoders.tokenizers import named_vocabulary, word_tokenizer
-from mmlightning.encoders.weights import local_path
+from mmlightning.encoders.weights import local_path, missing_folder
 from mmlightning.errors import UserError
 from mmlightning.registry import TEXT_ENCODERS
 
@@ -79,6 +79,9 @@ class HFTextEncoder(nn.Module):
             name_or_path = str(local_path(name_or_path, f"{where}.name"))
         if tokenizer and tokenizer.startswith("pkg:"):
             tokenizer = str(local_path(tokenizer, f"{where}.tokenizer"))
+        missing_folder(name_or_path, f"{where}.name")
+        if tokenizer:
+            missing_folder(tokenizer, f"{where}.tokenizer")
         is_dir = Path(name_or_path).is_dir()
         try:
             if not is_dir and name_or_path in CONFIG_MAPPING:

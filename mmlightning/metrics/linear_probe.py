@@ -47,11 +47,13 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
                  shots: tuple[int, ...] = (1, 4, 16), seeds: int = 3, holdout: float = 0.2) -> dict[str, dict[str, float]]:
     """Test top-1 accuracy of probes fit on ``k`` images per class (for each k in ``shots``,
     mean/std over ``seeds`` draws) and on all training images (``full``; C picked on a
-    ``holdout`` fraction, then refit on everything)."""
+    ``holdout`` fraction, then refit on everything). A ``k`` larger than the smallest class
+    has no row: k images per class cannot be drawn, and fewer would not be a k-shot probe."""
     results: dict[str, dict[str, float]] = {}
     classes = np.unique(train_y)
     by_class = {c: np.flatnonzero(train_y == c) for c in classes}
-    for k in shots:
+    smallest = min(len(ix) for ix in by_class.values())
+    for k in (k for k in shots if k <= smallest):
         scores, cs = [], []
         for seed in range(seeds):
             rng = np.random.default_rng([seed, k])

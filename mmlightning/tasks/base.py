@@ -188,6 +188,13 @@ class TaskModule(L.LightningModule):
         (keys without the ``test/`` prefix). By default one table of all of them."""
         return [section("Test metrics", test_metrics, [table(["metric", "value"], [[k, v] for k, v in test_metrics.items()])])]
 
+    def predict_images(self, images: torch.Tensor, datamodule: TaskData) -> list[str]:
+        """What ``mml predict`` prints for each image of a batch (normalised for the vision
+        tower): a task that describes images overrides this."""
+        task = (self.recipe or {}).get("task", type(self).__name__)
+        raise UserError(f"mml predict has nothing to say of an image alone for a {task!r} task; it captions "
+                        f"(caption) or classifies (clip) images.")
+
     def summary_rows(self, test_metrics: dict[str, float]) -> tuple[list[str], list[list[str]]]:
         """The table ``mml fit`` prints at the end: its columns and rows (by default each test
         metric and its value)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmlightning.data_modules.base import TaskData
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
 from mmlightning.metrics import CaptionMetrics
@@ -87,6 +88,9 @@ class CaptionTask(TaskModule):
         if getattr(self, "_table_rows", None):
             self.log_samples(f"{stage}/samples", ["image", "generated", "references"], self._table_rows)
             self._table_rows = []
+
+    def predict_images(self, images: torch.Tensor, datamodule: TaskData) -> list[str]:
+        return self.caption(images.to(self.device))
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         m = test_metrics

@@ -221,6 +221,17 @@ class CLIPTask(TaskModule):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images).float()
 
+    def predict_images(self, images: torch.Tensor, datamodule: TaskData) -> list[str]:
+        """The zero-shot class of each image among the data's classes, with its probability."""
+        if datamodule.zero_shot is None:
+            raise UserError(f"mml predict classifies images among the data's zero-shot classes; data module "
+                            f"{type(datamodule).__name__} has none.")
+        classes = datamodule.zero_shot
+        logits = self.encode_image(images.to(self.device)) @ self.zero_shot_classifier(classes).T
+        probs = (logits * self.temperature_scale()).softmax(-1)
+        best = probs.max(-1)
+        return [f"{classes.classnames[i]} ({p:.3f})" for p, i in zip(best.values.tolist(), best.indices.tolist())]
+
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         m, ks = test_metrics, self.retrieval["test"].ks
         rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks]
