@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_export import tiny_hf_text
 from tiny import SHAPES_CLIP
 
 from mmlightning.build import warn_about_cpu_processes
@@ -34,19 +35,20 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_new_user_comes_back_to_a_run_by_its_directory_alone(tmp_path: Path) -> None:
-    """Train with two overrides the packaged recipe does not have, then test, eval, predict and
-    export from the run directory alone; resume keeps the log, a finished run is left alone."""
-    run = "runs/narrow"
-    fitted = mml(tmp_path, "fit", "clip-shapes", *SHAPES_CLIP, "model.vision.width=8", "model.embed_dim=32",
-                 "run.name=narrow", "logger.name=csv")
+def test_a_new_user_comes_back_to_a_run_by_its_directory_alone(tmp_path: Path, minilm_dir: Path) -> None:
+    """Train with two overrides the packaged recipe does not have (towers open_clip can hold),
+    then test, eval, predict and export from the run directory alone; resume keeps the log,
+    and a finished run is left alone."""
+    run = "runs/mine"
+    fitted = mml(tmp_path, "fit", "clip-shapes", *SHAPES_CLIP, "model.vision={name: 'timm:resnet18', img_size: 64}",
+                 *tiny_hf_text(minilm_dir), "run.name=mine", "logger.name=csv")
     # stdout is a pipe here, as in a log file: plain progress lines, and validation metrics per epoch
     assert "epoch 1/1 batch" in fitted and "samples/s" in fitted and "validation, epoch 1: i2t_R@1" in fitted
     tested = mml(tmp_path, "test", run)
     assert "test/i2t_R@1" in tested
     # the packaged recipe builds another model: a recipe given with the run must match it
     refused = mml(tmp_path, "test", "clip-shapes", "--ckpt", run, code=2)
-    assert "model.vision.width: run 8, recipe 16" in refused and f"mml test {run}" in refused
+    assert "was built otherwise than recipe 'clip-shapes' (model.text." in refused and f"mml test {run}" in refused
     assert "Retrieval" in mml(tmp_path, "eval", run, "--shots", "1", "--seeds", "1")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 64), (200, 20, 20)).save(tmp_path / "images" / "red.png")
