@@ -11,8 +11,9 @@ The answer vocabulary is the ``num_answers`` most frequent normalised answers of
 annotations (3129 is the usual VQAv2 size). Every batch, training or evaluation, holds:
 
     image (B,3,H,W) float, input_ids/attention_mask (B,T) question tokens,
-    target (B,A) soft scores min(count/3, 1) over the A answers,
-    accuracy (B,A) the official VQA accuracy a prediction of each answer would earn,
+    target (B,A) soft scores min(count/3, 1) over the A answers (human answers normalised fully),
+    accuracy (B,A) the accuracy vqaEval.py gives a prediction of each answer (from the raw
+        human answers, normalised as the script does: see metrics/vqa.py),
     question_type (B,) index into ``question_types`` (the answer types: number, other, yes/no),
     blind_answer (B,) the most common training answer for the question's fine type
     ("what color is the"), question_id (B,), image_id (B,), question (list[str]),
@@ -187,6 +188,15 @@ def resolve(annotations: list[dict[str, Any]], path: str, key: str, index: dict[
     def in_vocab(scores: dict[str, float]) -> dict[int, float]:
         return {index[a]: s for a, s in scores.items() if a in index and s > 0}
 
+    # the metric's rows: vqaEval.py normalises the predicted string (a vocabulary answer) and
+    # compares it with the human answers as it processes them (see metrics.vqa.answer_scores)
+    predicted_as: dict[str, list[int]] = defaultdict(list)
+    for answer, k in index.items():
+        predicted_as[normalize_answer(answer)].append(k)
+
+    def official(scores: dict[str, float]) -> dict[int, float]:
+        return {k: s for a, s in scores.items() if s > 0 for k in predicted_as.get(a, ())}
+
     fallback = 0  # the most frequent answer overall
     return AnnotatedSplit(
         question_id=torch.tensor([a["question_id"] for a in annotations], dtype=torch.long),
@@ -194,7 +204,7 @@ def resolve(annotations: list[dict[str, Any]], path: str, key: str, index: dict[
         answer_type=torch.tensor([types[a["answer_type"]] for a in annotations], dtype=torch.long),
         blind=torch.tensor([blind.get(a["question_type"], fallback) for a in annotations], dtype=torch.long),
         answer=[a["multiple_choice_answer"] for a in annotations],
-        accuracy=SparseRows.from_dicts([in_vocab(answer_scores(human_answers(a))) for a in annotations]),
+        accuracy=SparseRows.from_dicts([official(answer_scores(human_answers(a))) for a in annotations]),
         target=SparseRows.from_dicts([in_vocab(soft_targets(human_answers(a))) for a in annotations]),
     )
 

@@ -1,15 +1,31 @@
-"""VQA accuracy, as the official evaluation script (``vqaEval.py`` of the VQA challenge).
+"""VQA accuracy, as the official evaluation script (``vqaEval.py`` of the VQA API repository,
+GT-Vision-Lab/VQA; EvalAI's copy does the same, with a regex form of the punctuation step).
 
 A predicted answer earns ``min(1, matches / 3)`` where ``matches`` counts human answers equal
 to it, averaged over the leave-one-out subsets of the human answers (so with 10 answers,
-1, 2, 3 and 4+ matches score 0.3, 0.6, 0.9 and 1.0). Before comparing, answers are
-normalised as the script does: punctuation, periods, number words, articles, contractions.
+1, 2, 3 and 4+ matches score 0.3, 0.6, 0.9 and 1.0).
 
-One deliberate difference: the script normalises the prediction and the human answers only
-when the humans disagree (``len(set(answers)) > 1``); we always normalise both sides. The
-two agree whenever the human answers are already normalised, as the released VQAv2
-annotations are; they differ only for a prediction like "yes." against ten raw "yes", which
-the script scores 0 and we score 1.
+The script normalises the two sides differently, and so does ``answer_scores``:
+
+- the prediction: newlines and tabs become spaces, the ends are stripped, then the punctuation
+  step, then the digit/article step (lower-case, number words to digits, no a/an/the,
+  contractions restored): ``normalize_answer``;
+- the human answers: the punctuation step only, and only when they are not all identical;
+  never stripped, lower-cased or the digit/article step. So a human "Two", "two" or "a red"
+  matches no prediction at all ("two" is predicted as "2"), and ten identical "Yes" match
+  nothing either. The released VQAv2 annotations are already written the way predictions
+  are normalised, which is why this rarely shows on them.
+
+Training targets are another matter: ``soft_targets`` (and the answer vocabulary the data
+modules build) normalise every human answer fully, as VQAv2 practice does, so that "Two" and
+"2" train the same class. Only the reported metric follows the script.
+
+Leave-one-out leaves out one answer at a time. (The script leaves out every answer record
+equal to the one left out; VQAv2's records carry distinct ``answer_id``s, so that is one.)
+
+One deliberate difference: with a single human answer the script's leave-one-out leaves
+nothing to match and scores every prediction 0; we score exact match of the two answers,
+both normalised fully (datasets with one label per question).
 """
 
 from __future__ import annotations
@@ -76,6 +92,9 @@ def _process_punctuation(text: str) -> str:
     return PERIOD_STRIP.sub("", out, count=PERIOD_STRIP_COUNT)
 
 
+_punctuation = functools.lru_cache(maxsize=1 << 16)(_process_punctuation)  # human answers repeat as much
+
+
 def _process_digit_article(text: str) -> str:
     """Lower-case, number words to digits, drop articles, restore contractions."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
@@ -84,8 +103,9 @@ def _process_digit_article(text: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 16)  # VQAv2 training normalises 4.4M answers, mostly "yes", "no", "2"
 def normalize_answer(answer: str) -> str:
-    """An answer as vqaEval.py compares it: newlines and tabs become spaces, the ends are
-    stripped, then its punctuation and its digit/article steps run.
+    """A predicted answer as vqaEval.py compares it: newlines and tabs become spaces, the ends
+    are stripped, then its punctuation and its digit/article steps run. (Human answers get
+    less, see ``human_side``; training targets and the answer vocabulary use this on them.)
 
     >>> normalize_answer("Two dogs.")
     '2 dogs'
@@ -99,30 +119,41 @@ def _leave_one_out(matches: int, total: int) -> float:
     return (matches * min(1.0, (matches - 1) / 3) + (total - matches) * min(1.0, matches / 3)) / total
 
 
-def answer_scores(gt_answers: list[str]) -> dict[str, float]:
-    """The accuracy a prediction of each distinct normalised human answer would earn; any other
-    prediction earns 0. A data module precomputes this once per question.
+def human_side(gt_answers: list[str]) -> list[str]:
+    """The human answers as vqaEval.py compares them: the punctuation step when they are not
+    all identical, else as given (no stripping, no lower-casing, no digit/article step)."""
+    if len(set(gt_answers)) > 1:
+        return [_punctuation(a) for a in gt_answers]
+    return list(gt_answers)
 
-    A single human answer (datasets with one label per question) counts as exact match, 1.0:
-    the official rule would give 0, since leaving out the only answer leaves nothing to match.
-    No answers give an empty dict.
+
+def answer_scores(gt_answers: list[str]) -> dict[str, float]:
+    """What vqaEval.py gives a prediction, by the prediction's normalised form: a prediction
+    ``p`` earns ``answer_scores(gt_answers).get(normalize_answer(p), 0.0)``. A data module
+    computes this once per question from the raw human answers.
+
+    The keys are the human answers as the script compares them (see ``human_side``); one no
+    normalised prediction can equal ("Yes", "two") is kept and simply never matched. A single
+    human answer counts as exact match after full normalisation, 1.0 (the script would give
+    0: leaving out the only answer leaves nothing to match). No answers give an empty dict.
     """
-    counts = Counter(normalize_answer(a) for a in gt_answers)
     if len(gt_answers) == 1:
-        return {answer: 1.0 for answer in counts}
+        return {normalize_answer(gt_answers[0]): 1.0}
+    counts = Counter(human_side(gt_answers))
     return {answer: _leave_one_out(n, len(gt_answers)) for answer, n in counts.items()}
 
 
 def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
-    """Official VQA accuracy of one predicted answer against the human answers (any number of
-    them). With one human answer this is exact match after normalisation (see
+    """vqaEval.py's accuracy of one predicted answer against the raw human answers (any number
+    of them). With one human answer this is exact match after normalisation (see
     ``answer_scores``); with none it is 0."""
     return answer_scores(gt_answers).get(normalize_answer(prediction), 0.0)
 
 
 def soft_targets(gt_answers: list[str]) -> dict[str, float]:
-    """Training targets as VQAv2 practice: ``min(count / 3, 1)`` per distinct normalised answer
-    (the score without leave-one-out). A single human answer gets 1.0, as in ``answer_scores``."""
+    """Training targets as VQAv2 practice: ``min(count / 3, 1)`` per distinct answer, every
+    human answer normalised fully (unlike the metric's human side: "Two" and "2" are one
+    target). A single human answer gets 1.0, as in ``answer_scores``."""
     counts = Counter(normalize_answer(a) for a in gt_answers)
     if len(gt_answers) == 1:
         return {answer: 1.0 for answer in counts}
@@ -131,7 +162,15 @@ def soft_targets(gt_answers: list[str]) -> dict[str, float]:
 
 class VQAAccuracy(Metric):
     """Mean VQA accuracy overall (``acc``) and per named group (``acc_<name>``), from the
-    accuracy each prediction earned (e.g. ``batch["accuracy"]`` gathered at the argmax).
+    accuracy each prediction earned (e.g. ``batch["accuracy"]`` gathered at the argmax, rows
+    that the data module computed with ``answer_scores`` from the raw human answers).
+
+    A group's value is the mean of its questions' accuracies, each the mean over its
+    leave-one-out subsets: the convention of EvalAI's copy of vqaEval.py (and of the VQA API
+    repository's Python 3 script, whose tables this module uses). The repository's older
+    Python 2 release appends, per question and answer type, the last leave-one-out value
+    instead of the question's mean, so its per-type tables (not its overall accuracy) differ
+    from ours; its punctuation table differs too.
 
     A sample whose group is negative counts towards ``acc`` only. Groups that saw no sample
     are left out of ``compute``'s result rather than reported as 0 or nan, so a split
