@@ -89,13 +89,36 @@ class TaskModule(L.LightningModule):
                                   f"Use the same spec. ({str(err).splitlines()[0]})") from None
 
     def train(self, mode: bool = True) -> TaskModule:
+        """Train mode follows trainability: every module with a trainable parameter trains (its
+        dropout on, its BatchNorm learning statistics); a module marked ``frozen`` (a locked
+        tower, frozen BatchNorm: see encoders.weights.freeze_tower) or whose parameters are all
+        frozen (the locked layer groups of a partly frozen tower) stays in eval, with whatever
+        it holds that has no parameters of its own (dropout, activations). A part that wants a
+        fixed tensor and live dropout registers the tensor as a buffer."""
         super().train(mode)
-        # a frozen tower (or frozen BatchNorm inside one, see encoders.weights.freeze_tower) keeps
-        # its running statistics: Lightning's loops call train() at every epoch and after eval
-        for module in self.modules():
-            if getattr(module, "frozen", False):
+        if mode:
+            for module in self.frozen_modules():
                 module.eval()
         return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules ``train()`` keeps in eval (see there), outermost first."""
+        holds, trains = set(), set()  # module paths that hold parameters, and trainable ones
+        for name, param in self.named_parameters(remove_duplicate=False):
+            path = name.split(".")[:-1]
+            for depth in range(len(path) + 1):
+                prefix = ".".join(path[:depth])
+                holds.add(prefix)
+                if param.requires_grad:
+                    trains.add(prefix)
+        return [module for name, module in self.named_modules()
+                if getattr(module, "frozen", False) or (name in holds and name not in trains)]
+
+    def on_fit_start(self) -> None:
+        # Lightning 2.x never calls train() on the model: it keeps each submodule's mode (and
+        # restores it after validation). Towers come in whatever mode they were built or last
+        # used in; AutoModel.from_pretrained returns eval, which would train with dropout off.
+        self.train()
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """No weight decay on biases, norm gains and the temperature (as CLIP and open_clip)."""
