@@ -40,7 +40,6 @@ def local_path(path: str | Path, key: str) -> Path:
     return resolved
 
 
-@WEIGHT_REMAPS.register("in_order")
 def missing_folder(name: str, key: str) -> None:
     """A name that is clearly a local path (``/``, ``./``, ``../``, ``~`` or deeper than a hub
     id's ``org/name``) but names no file or folder: say so, rather than report a bad hub id."""
@@ -49,6 +48,7 @@ def missing_folder(name: str, key: str) -> None:
         raise UserError(f"{key}: {name!r}: no such directory.")
 
 
+@WEIGHT_REMAPS.register("in_order")
 def in_order(state: dict[str, torch.Tensor], reference: dict[str, torch.Size], source: str) -> dict[str, torch.Tensor]:
     """The checkpoint's i-th tensor is the model's i-th state-dict entry (buffers included),
     checked by shape: for the same network saved by another codebase with other names, e.g.
