@@ -303,7 +303,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_for_checkpoint(recipe: str, ckpt: str | None, overrides: list[str], command: str) -> tuple[dict[str, Any], Path]:
     """The config and checkpoint ``mml test|validate|eval|predict`` use. RECIPE may be a run
     directory or a checkpoint in one: the run's own config builds the model (overrides apply
-    on top). A recipe given with ``--ckpt`` from a run must build the same model as that run."""
+    on top). A recipe given with ``--ckpt`` from a run must build the same model as that run
+    (its task and model keys), and then is used as given."""
     from mmlightning import runs
 
     path = Path(recipe)
@@ -325,13 +326,15 @@ def config_for_checkpoint(recipe: str, ckpt: str | None, overrides: list[str], c
     saved = C.resolve(C.load_recipe(run_dir / runs.CONFIG_FILE, overrides))
     mine, theirs = flatten({"task": typed["task"], "model": typed.get("model")}), \
         flatten({"task": saved["task"], "model": saved.get("model")})
-    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "model.init_from")
+    # where the weights started and how captions are generated do not change the weights
+    ignored = ("model.init_from", "model.generation.")
+    differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and not k.startswith(ignored))
     if differing:
         shown = "; ".join(f"{k}: run {theirs.get(k)!r}, recipe {mine.get(k)!r}" for k in differing[:4])
         raise UserError(f"--ckpt {ckpt} is from run {run_dir}, which was built otherwise than recipe {recipe!r} "
                         f"({shown}{'; ...' if len(differing) > 4 else ''}). Give the run alone: "
                         f"`mml {command} {run_dir}`.")
-    return saved, ckpt_path
+    return typed, ckpt_path  # the same model; the data, logger and trainer are the recipe's as given
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -68,7 +68,11 @@ def test_clip_report_has_every_section(clip_run: Path, tmp_path: Path, capsys: p
     assert len(per_class["rows"]) == 48 and sum(r[1] for r in per_class["rows"]) == 96
     assert all(0 <= r[2] <= r[3] <= 1 for r in per_class["rows"])  # top-1 never above top-5
     probe = sections["Linear probe: shapes"]["tables"][0]
-    assert [r[0] for r in probe["rows"]] == ["1-shot", "4-shot", "full"]
+    # 192 labelled images over 48 classes: some class has fewer than 4, so there is no 4-shot row, and it says so
+    assert [r[0] for r in probe["rows"]] == ["1-shot", "full"]
+    assert any(n.startswith("Skipped 4-shot: the smallest class has ") for n in sections["Linear probe: shapes"]["notes"])
+    folder_probe = sections["Linear probe: my_classes"]["tables"][0]  # 4 training images in each class
+    assert [r[0] for r in folder_probe["rows"]] == ["1-shot", "4-shot", "full"]
     folder_classes = sections["Zero-shot classification: my_classes"]["tables"][1]
     assert [r[0] for r in folder_classes["rows"]] == ["large blue square", "large red circle", "small green cross"]
     assert sum(r[1] for r in folder_classes["rows"]) == 12  # half of each class's 8 images are test images
@@ -114,6 +118,8 @@ def test_linear_probe_on_separable_features() -> None:
     (train_x, train_y), (test_x, test_y) = draw(400), draw(200)
     result = linear_probe(train_x, train_y, test_x, test_y, shots=(1, 4), seeds=3)
     assert list(result) == ["1-shot", "4-shot", "full"]
+    small = linear_probe(train_x[:50], np.r_[np.zeros(47, int), np.ones(3, int)], test_x, test_y, shots=(1, 4))
+    assert list(small) == ["1-shot", "full"]  # the smaller class has 3 images: no 4-shot probe
     assert result["full"]["top1"] > 0.98 and result["full"]["images"] == 400
     assert result["1-shot"]["seeds"] == 3 and result["1-shot"]["std"] > 0  # three different draws
     assert result["1-shot"]["top1"] < result["4-shot"]["top1"]  # more examples, better probe
@@ -143,4 +149,4 @@ def test_image_folder_layouts_and_errors(tmp_path: Path) -> None:
 
 def test_eval_without_checkpoint_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", "clip-shapes"]) == 2
-    assert "mml eval needs a checkpoint" in capsys.readouterr().err
+    assert "mml eval needs trained weights: give a run directory" in capsys.readouterr().err
