@@ -21,8 +21,8 @@ a key, ``+key=value`` adds one, ``~key`` removes one. ``ls`` (without --componen
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
 import shutil
 import sys
 import time
