@@ -252,13 +252,16 @@ class PlainProgress(ProgressBarBase):
 
 
 class EpochMetrics(L.Callback):
-    """The validation metrics, one line at each validation's end (rank 0), so a log shows
-    how the run goes without opening W&B."""
+    """The validation metrics (the task's ``epoch_line_metrics``), one line at each
+    validation's end (rank 0), so a log shows how the run goes without opening W&B; every
+    metric is in ``csv/metrics.csv`` and W&B."""
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
-        shown = {k[4:]: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val/")}
+        chosen = getattr(pl_module, "epoch_line_metrics", ())
+        shown = {k[4:]: float(v) for k, v in sorted(trainer.callback_metrics.items())
+                 if k.startswith("val/") and (not chosen or k[4:] in chosen)}
         if shown:
             print(f"validation, epoch {trainer.current_epoch + 1}: "
                   + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)

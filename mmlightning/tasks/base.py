@@ -37,6 +37,7 @@ class DataSpec:
 
 class TaskModule(L.LightningModule):
     leaves_parameters_unused = False  # True: some parameters may get no gradient in a step (DDP must know)
+    epoch_line_metrics: tuple[str, ...] = ()  # validation metrics printed after each epoch (empty: all)
 
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:
         super().__init__()

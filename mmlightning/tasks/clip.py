@@ -30,6 +30,8 @@ MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 class CLIPTask(TaskModule):
     """Contrastive image-text pretraining (CLIP, SigLIP, LiT): two towers, projections and a temperature; retrieval and zero-shot metrics."""
 
+    epoch_line_metrics = ("i2t_R@1", "t2i_R@1", "mean_recall", "zs_top1")
+
     def __init__(self, vision: dict[str, Any], text: dict[str, Any], loss: dict[str, Any], optimizer: dict[str, Any],
                  scheduler: dict[str, Any] | None = None, embed_dim: int = 256,
                  projection: dict[str, Any] | None = None, freeze_vision: bool = False,
