@@ -252,23 +252,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"resuming {run_dir} from {ckpt_path.name}")
     cfg.setdefault("run", {})["name"] = run_dir.name
     runs.write_run_files(run_dir, C.to_yaml(cfg), cfg["recipe"], wandb_id)
-    try:
-        return _fit(cfg, run_dir, ckpt_path, wandb_id, task, datamodule)
-    except BaseException:
-        if ckpt_path is None and runs.is_global_zero() and not list(run_dir.glob("checkpoints/*.ckpt")):
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: the name stays free for the retry
-        raise
+    return _fit(cfg, run_dir, ckpt_path, wandb_id, task, datamodule)
 
 
 def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: str, task: Any, datamodule: Any) -> int:
+    from mmlightning import runs
     from mmlightning.build import build_trainer
     from mmlightning.fault_tolerance import Interrupted, NonFiniteLoss
     from mmlightning.loggers import finish_loggers
     from mmlightning.summary import print_summary
 
-    trainer = build_trainer(cfg, run_dir, wandb_id, task=task, datamodule=datamodule)
+    trainer = None
     start = time.time()
     try:
+        trainer = build_trainer(cfg, run_dir, wandb_id, task=task, datamodule=datamodule)
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
         fit_seconds = time.time() - start
         checkpoint = trainer.checkpoint_callback
@@ -283,7 +280,10 @@ def _fit(cfg: dict[str, Any], run_dir: Path, ckpt_path: Path | None, wandb_id: s
         finish_loggers(trainer, "failed")
         return 1
     except BaseException:
-        finish_loggers(trainer, "failed")
+        if trainer is not None:
+            finish_loggers(trainer, "failed")
+        if ckpt_path is None and (trainer is None or trainer.global_step == 0) and runs.is_global_zero():
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: the name stays free
         raise
     if trainer.is_global_zero:
         print_summary(cfg, run_dir, trainer, results[0] if results else {}, fit_seconds, best)
