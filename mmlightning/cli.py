@@ -442,9 +442,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"--out {str(out_dir)!r} exists and is not an empty folder; give a new one.")
     task, path = load_task(args.ckpt)
-    write, how_to_load = FORMATS[args.format]
-    out = write(task, Path(args.out))
-    print(f"wrote {out}: load it with {how_to_load.format(out=out)}")
+    out, how_to_load = FORMATS[args.format](task, Path(args.out))
+    print(f"wrote {out}: load it with {how_to_load}")
     return 0
 
 

@@ -33,6 +33,8 @@ import torch
 
 from mmlightning import runs
 from mmlightning.build import build_task
+from mmlightning.encoders.hf_clip_towers import HFCLIPText, HFCLIPVision
+from mmlightning.encoders.open_clip_towers import OpenCLIPText, OpenCLIPVision
 from mmlightning.encoders.text import HFTextEncoder
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.vision import TimmEncoder
@@ -54,10 +56,12 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     if cfg.get("task") != "clip":
         raise UserError(f"mml export writes CLIP models; {path} is a {cfg.get('task')!r} task.")
     model = dict(cfg["model"])  # the checkpoint overwrites every weight: fetch or read no pretrained ones
-    if str(model["vision"].get("name", "")).startswith("timm:"):
-        model["vision"] = {**model["vision"], "pretrained": False, "checkpoint_path": None, "checkpoint_remap": None}
-    if str(model.get("text", {}).get("name", "")).startswith("hf:"):
-        model["text"] = {**model["text"], "pretrained": False}  # config and tokenizer still come from its folder
+    vision, text = dict(model.get("vision") or {}), dict(model.get("text") or {})
+    if str(vision.get("name", "")).startswith("timm:"):
+        vision.update(checkpoint_path=None, checkpoint_remap=None)
+    for key, spec in (("vision", vision), ("text", text)):
+        if model.get("pretrained") or "pretrained" in spec:  # configs and tokenizers still come from the source
+            model[key] = {**spec, "pretrained": False}
     task = build_task({**cfg, "model": model}, load_pretrained=False)
     task.load_state_dict(checkpoint["state_dict"], strict=True)
     return task.eval(), path
@@ -133,7 +137,9 @@ def open_clip_config(task: Any, text_dir: Path) -> dict[str, Any]:
     }
 
 
-def to_open_clip(task: Any, out: Path) -> Path:
+def to_open_clip(task: Any, out: Path) -> tuple[Path, str]:
+    if isinstance(task.vision, OpenCLIPVision) or isinstance(task.text, OpenCLIPText):
+        return to_open_clip_native(task, out)
     config = open_clip_config(task, out / "text")  # refuses before anything is written
     out.mkdir(parents=True, exist_ok=True)
     task.text.model.config.save_pretrained(out / "text")
@@ -142,7 +148,105 @@ def to_open_clip(task: Any, out: Path) -> Path:
                                       "text.model.": "text.transformer.", "text_proj.": "text.proj."})
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     torch.save(state, out / "open_clip_pytorch_model.bin")
-    return out
+    return out, f"open_clip.create_model_and_transforms('local-dir:{out}')"
+
+
+def stored_logit_scale(task: Any) -> torch.Tensor:
+    """What the model used: capped as the loss caps it (neither library caps at inference)."""
+    cap = getattr(task.loss_fn, "max_logit_scale", MAX_LOGIT_SCALE)
+    scale = task.logit_scale.detach()
+    return scale if cap is None else scale.clamp(max=cap)
+
+
+def native_problems(task: Any, format_name: str, vision_cls: type, text_cls: type) -> list[str]:
+    """Both towers the library's own, from one model, each keeping its own projection."""
+    problems = []
+    if not (isinstance(task.vision, vision_cls) and isinstance(task.text, text_cls)):
+        problems.append(f"one tower is {format_name}'s own ({type(task.vision).__name__} + {type(task.text).__name__}): "
+                        f"a model in {format_name}'s own layout needs both towers from one {format_name} model")
+    elif task.vision.source != task.text.source:
+        problems.append(f"the towers come from two models ({task.vision.source} and {task.text.source})")
+    if not (isinstance(task.vision_proj, torch.nn.Identity) and isinstance(task.text_proj, torch.nn.Identity)):
+        problems.append(f"a projection was added on top of a tower (model.embed_dim {task.embed_dim} is not the "
+                        f"towers' own width)")
+    return problems
+
+
+def to_open_clip_native(task: Any, out: Path) -> tuple[Path, str]:
+    """An open_clip model fine-tuned here, back in open_clip's own layout and config."""
+    refuse("open_clip", native_problems(task, "open_clip", OpenCLIPVision, OpenCLIPText))
+    model_cfg = copy.deepcopy(task.vision.model_config)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"visual.{k}": v for k, v in task.vision.model.state_dict().items()}
+    state.update({f"{task.text.in_checkpoint}{k}": v for k, v in task.text.model.state_dict().items()})
+    state["logit_scale"] = stored_logit_scale(task)
+    if task.logit_bias is not None:
+        state["logit_bias"] = task.logit_bias.detach()
+    if model_cfg["text_cfg"].get("hf_model_name"):  # an HF text tower: its config and tokenizer travel along
+        task.text.model.transformer.config.save_pretrained(out / "text")
+        task.text.tokenizer.save_pretrained(out / "text")
+        model_cfg["text_cfg"].update(hf_model_name=str((out / "text").resolve()),
+                                     hf_tokenizer_name=str((out / "text").resolve()), hf_model_pretrained=False)
+    image = task.vision.image_config
+    preprocess = {"size": image.size, "mean": list(image.mean), "std": list(image.std),
+                  "interpolation": image.interpolation, "resize_mode": image.resize_mode}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
+                                                          indent=2))
+    torch.save(state, out / "open_clip_pytorch_model.bin")
+    return out, f"open_clip.create_model_and_transforms('local-dir:{out}')"
+
+
+def hf_native_model(task: Any) -> Any:
+    """A stock ``CLIPModel`` / ``SiglipModel`` holding the task's weights, checked to embed as
+    the task does."""
+    import transformers as tf
+
+    refuse("hf", native_problems(task, "HF", HFCLIPVision, HFCLIPText))
+    vision, text = task.vision.model.config.to_dict(), task.text.model.config.to_dict()
+    if task.vision.model_type == "clip":
+        config = tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=task.embed_dim,
+                               logit_scale_init_value=float(stored_logit_scale(task)))
+        model = tf.CLIPModel(config)
+    else:
+        model = tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision))
+    state = {**whole_model_keys(task.vision.model), **whole_model_keys(task.text.model),
+             "logit_scale": stored_logit_scale(task).reshape(model.logit_scale.shape)}
+    if task.logit_bias is not None:
+        state["logit_bias"] = task.logit_bias.detach().reshape(model.logit_bias.shape)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        refuse("hf", [f"the towers do not fill a {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"])
+    return model.eval()
+
+
+def whole_model_keys(tower: Any) -> dict[str, torch.Tensor]:
+    """A tower's weights under the whole model's names: a tower class that holds its
+    transformer as an attribute (``CLIPTextModelWithProjection.text_model``) has them already;
+    one that is that transformer (transformers 5's ``SiglipTextModel``) needs its prefix."""
+    prefix = tower.base_model_prefix
+    state = tower.state_dict()
+    return state if hasattr(tower, prefix) else {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def to_hf_native(task: Any, out: Path) -> tuple[Path, str]:
+    import transformers as tf
+    from transformers.image_utils import PILImageResampling
+
+    model = hf_native_model(task)
+    image = task.vision.image_config
+    resample = PILImageResampling.BILINEAR if image.interpolation == "bilinear" else PILImageResampling.BICUBIC
+    if task.vision.model_type == "clip":
+        images = tf.CLIPImageProcessor(size={"shortest_edge": int(round(image.size / image.crop_pct))},
+                                       crop_size={"height": image.size, "width": image.size}, resample=resample,
+                                       image_mean=list(image.mean), image_std=list(image.std))
+    else:
+        images = tf.SiglipImageProcessor(size={"height": image.size, "width": image.size}, resample=resample,
+                                         image_mean=list(image.mean), image_std=list(image.std))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    task.text.tokenizer.save_pretrained(out)
+    images.save_pretrained(out)
+    return out, f"transformers.{type(model).__name__}.from_pretrained('{out}') (and AutoTokenizer, AutoImageProcessor)"
 
 
 def timm_architecture(task: Any) -> str:
@@ -230,9 +334,11 @@ def image_processor(task: Any) -> Any:
                               image_mean=list(image.mean), image_std=list(image.std), do_convert_rgb=True)
 
 
-def to_hf(task: Any, out: Path) -> Path:
+def to_hf(task: Any, out: Path) -> tuple[Path, str]:
     from transformers import VisionTextDualEncoderProcessor
 
+    if isinstance(task.vision, HFCLIPVision) or isinstance(task.text, HFCLIPText):
+        return to_hf_native(task, out)
     model = hf_model(task)  # refuses before anything is written
     tokenizer = copy.deepcopy(task.text.tokenizer)  # saving a processor marks its tokenizer
     tokenizer.model_max_length = task.text.max_length  # truncation=True then cuts where training did
@@ -251,13 +357,10 @@ def to_hf(task: Any, out: Path) -> Path:
     # AutoImageProcessor, and transformers before 5, look
     VisionTextDualEncoderProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(out)
     images.save_pretrained(out)
-    return out
-
-
-FORMATS: dict[str, tuple[Callable[[Any, Path], Path], str]] = {
-    "open_clip": (to_open_clip, "open_clip.create_model_and_transforms('local-dir:{out}')"),
     # AutoTokenizer and AutoProcessor read config.json too, and would ask before running its code
-    "hf": (to_hf, "transformers.AutoModel.from_pretrained('{out}', trust_remote_code=True), and its "
-                  "AutoTokenizer or AutoProcessor likewise (AutoImageProcessor needs no flag)"),
-}
-"""Each format's writer, and how to load what it wrote."""
+    return out, (f"transformers.AutoModel.from_pretrained('{out}', trust_remote_code=True), and its AutoTokenizer or "
+                 f"AutoProcessor likewise (AutoImageProcessor needs no flag)")
+
+
+FORMATS: dict[str, Callable[[Any, Path], tuple[Path, str]]] = {"open_clip": to_open_clip, "hf": to_hf}
+"""Each format's writer: it writes the folder and says how to load it."""

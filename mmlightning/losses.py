@@ -84,6 +84,7 @@ class ClipLoss(nn.Module):
 
     logit_scale_init = math.log(1 / 0.07)
     logit_bias_init: float | None = None
+    max_logit_scale: float | None = math.log(100.0)  # temperature never below 1/100, as CLIP trains
 
     def __init__(self, local_loss: bool = True, gather_with_grad: bool = True, caption_positives: bool = False) -> None:
         super().__init__()
@@ -123,6 +124,7 @@ class SigLipLoss(nn.Module):
 
     logit_scale_init = math.log(10.0)
     logit_bias_init: float | None = -10.0
+    max_logit_scale: float | None = None  # as big_vision and HF: SigLIP's learnt scale ends above 100
 
     def __init__(self, gather_with_grad: bool = True, caption_positives: bool = False) -> None:
         super().__init__()

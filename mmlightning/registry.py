@@ -137,6 +137,7 @@ DATA_MODULES = Registry("data module", "data.name")
 TASKS = Registry("task", "task")
 OPTIMIZERS = Registry("optimizer", "optimizer.name")
 SCHEDULERS = Registry("lr schedule", "scheduler.name")
+PRETRAINED_CLIPS = Registry("pretrained CLIP", "model.pretrained")  # whole dual encoders: towers, projections, scale
 WEIGHT_REMAPS = Registry("weight remap", "model.vision.checkpoint_remap")
 VOCABULARIES = Registry("word vocabulary", "model.text.vocab")  # closed word lists for word-level tokenizers
 
@@ -144,4 +145,4 @@ VOCABULARIES = Registry("word vocabulary", "model.text.vocab")  # closed word li
 def all_registries() -> list[Registry]:
     """Every kind of component, in the order the docs list them."""
     return [VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS, PROJECTIONS, FUSION_HEADS, LOSSES, DATA_MODULES, TASKS,
-            OPTIMIZERS, SCHEDULERS, WEIGHT_REMAPS, VOCABULARIES]
+            OPTIMIZERS, SCHEDULERS, PRETRAINED_CLIPS, WEIGHT_REMAPS, VOCABULARIES]

@@ -34,7 +34,7 @@ def test_unknown_names_list_the_choices(override: str, message: str) -> None:
 
 def test_unknown_name_lists_valid_names() -> None:
     # other tests in this process may have registered their own encoders: list order is sorted
-    with pytest.raises(UserError, match=r"Valid names: ([a-z_]+, )*shapes_cnn, timm:<name>"):
+    with pytest.raises(UserError, match=r"Valid names: ([a-z_]+, )*shapes_cnn, hf_clip_vision:<name>, open_clip_vision:<name>, timm:<name>"):
         task_for("model.vision.name=nothing")
 
 

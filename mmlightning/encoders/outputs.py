@@ -29,3 +29,4 @@ class ImageConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
     crop_pct: float = 1.0
+    resize_mode: str = "shortest"  # short side to size / crop_pct, then centre-crop; "squash": both sides to size

@@ -41,6 +41,9 @@ def named_vocabulary(vocab: str) -> list[str]:
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest text in the batch, truncate at ``max_length``."""
-    out = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    """Pad to the longest text in the batch, truncate at ``max_length``. A tokenizer marked
+    ``pads_to_max_length`` (its model pools a fixed position: SigLIP's last token, open_clip's
+    towers) pads every text to ``max_length``."""
+    padding = "max_length" if getattr(tokenizer, "pads_to_max_length", False) else "longest"
+    out = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}

@@ -67,9 +67,9 @@ def in_order(state: dict[str, torch.Tensor], reference: dict[str, torch.Size], s
 def layer_groups(tower: nn.Module, key: str = "model.freeze") -> list[list[str]]:
     """The tower's parameters (names relative to the tower) in layer groups, input first.
 
-    timm models group by their own ``group_matcher`` (stem, each block, head); HF
-    transformers by embeddings then each encoder layer; other towers may define
-    ``layer_groups()``."""
+    timm models group by their own ``group_matcher`` (stem, each block, head); towers with a
+    list of blocks (HF and open_clip transformers) by ``block_groups``; other towers may
+    define ``layer_groups()``."""
     if hasattr(tower, "layer_groups"):
         return tower.layer_groups()
     model = getattr(tower, "model", tower)
@@ -79,16 +79,33 @@ def layer_groups(tower: nn.Module, key: str = "model.freeze") -> list[list[str]]
 
         groups = group_parameters(model, model.group_matcher())
         return [[prefix + n for n in groups[i]] for i in sorted(groups)]
-    encoder = getattr(model, "encoder", None)
-    layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
-    if layers is not None:  # HF encoders: embeddings, then every layer
-        names = [n for n, _ in model.named_parameters()]
-        layer_prefixes = [f"encoder.{'layer' if hasattr(encoder, 'layer') else 'layers'}.{i}." for i in range(len(layers))]
-        in_layers = {n for n in names if n.startswith(tuple(layer_prefixes))}
-        before = [prefix + n for n in names if n not in in_layers and not n.startswith(("pooler.",))]
-        return [before] + [[prefix + n for n in names if n.startswith(p)] for p in layer_prefixes]
-    raise UserError(f"{key}: {type(tower).__name__} has no layer groups (no timm group_matcher, HF encoder layers or "
-                      f"layer_groups()): freeze it whole or not at all.")
+    if any(isinstance(m, nn.ModuleList) and len(m) for m in model.modules()):
+        return block_groups(model, prefix)
+    raise UserError(f"{key}: {type(tower).__name__} has no layer groups (no timm group_matcher, list of blocks or "
+                    f"layer_groups()): freeze it whole or not at all.")
+
+
+def block_groups(model: nn.Module, prefix: str = "") -> list[list[str]]:
+    """Layer groups of a tower built as stem, blocks, head (transformers: embeddings, each
+    layer, the final norm and projection): the parameters before the first block of the
+    longest block list, each block, those after the last block. Parameters held directly by
+    a module that also holds the blocks (open_clip's class token, positions, ``proj``) have no
+    order among its children: a projection counts as after the blocks, the rest as before."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    blocks_path, blocks = max(lists, key=lambda item: (len(item[1]), sum(p.numel() for p in item[1].parameters())))
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    before: list[str] = []
+    after: list[str] = []
+    per_block: list[list[str]] = [[] for _ in blocks]
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if id(param) in block_of:
+            per_block[block_of[id(param)]].append(prefix + name)
+        elif owner == "" or blocks_path.startswith(owner + "."):
+            (after if "proj" in leaf else before).append(prefix + name)
+        else:
+            (after if any(per_block) else before).append(prefix + name)
+    return [group for group in [before, *per_block, after] if group]
 
 
 def freeze_tower(tower: nn.Module, freeze: bool, unfrozen_groups: int = 0, key: str = "model.freeze") -> None:

@@ -19,11 +19,35 @@ from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
 from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
-from mmlightning.registry import LOSSES, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
+from mmlightning.registry import LOSSES, PRETRAINED_CLIPS, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule
 
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
+
+
+def towers_and_loss(source: Any, vision: dict[str, Any] | None, text: dict[str, Any] | None,
+                    loss: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The tower and loss specs, with ``model.pretrained``'s filled in: a tower spec with a
+    ``name`` replaces the source's tower (LiT on a CLIP image tower: a new ``model.text``),
+    one without adds its settings to it (``model.vision.pretrained: false``); the loss is the
+    source's kind (sigmoid where the source has a bias) unless ``loss.name`` says otherwise."""
+    if source is None:
+        missing = [key for key, spec in (("model.vision", vision), ("model.text", text)) if not (spec or {}).get("name")]
+        if missing:
+            raise UserError(f"{' and '.join(missing)}: missing; give the towers, or model.pretrained for a whole "
+                            f"pretrained CLIP (open_clip:<arch>@<tag or file>, hf:<dir or hub id>).")
+        return vision, text, loss
+    if vision and "name" in vision and text and "name" in text:
+        raise UserError(f"model.pretrained ({source.vision['name'].split(':', 1)[1]}) fills the towers, and the "
+                        f"recipe names both of its own (model.vision.name {vision['name']!r}, model.text.name "
+                        f"{text['name']!r}): drop model.pretrained, or the tower names (start from a clip-finetune-* "
+                        f"recipe, whose base has none).")
+    vision = dict(vision) if vision and "name" in vision else {**source.vision, **(vision or {})}
+    text = dict(text) if text and "name" in text else {**source.text, **(text or {})}
+    if "name" not in loss:
+        loss = {"name": "siglip" if source.logit_bias is not None else "clip", **loss}
+    return vision, text, loss
 
 
 @TASKS.register("clip")
@@ -32,8 +56,9 @@ class CLIPTask(TaskModule):
 
     epoch_line_metrics = ("i2t_R@1", "t2i_R@1", "mean_recall", "zs_top1")
 
-    def __init__(self, vision: dict[str, Any], text: dict[str, Any], loss: dict[str, Any], optimizer: dict[str, Any],
-                 scheduler: dict[str, Any] | None = None, embed_dim: int = 256,
+    def __init__(self, loss: dict[str, Any], optimizer: dict[str, Any], vision: dict[str, Any] | None = None,
+                 text: dict[str, Any] | None = None, pretrained: str | None = None,
+                 scheduler: dict[str, Any] | None = None, embed_dim: int | None = None,
                  projection: dict[str, Any] | None = None, freeze_vision: bool = False,
                  unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0,
                  accumulate_batches: int = 1) -> None:
@@ -46,17 +71,28 @@ class CLIPTask(TaskModule):
         self.clip_gradient_value: float | None = None  # taken over from the Trainer when accumulating (configure_trainer)
         self.clip_gradient_algorithm = "norm"
         self._cached: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        source = PRETRAINED_CLIPS.build({"name": pretrained}, "model.pretrained") if pretrained else None
+        vision, text, loss = towers_and_loss(source, vision, text, loss)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.text = TEXT_ENCODERS.build(text, "model.text")
         # LiT ("locked-image tuning") freezes the image tower; unfrozen groups leave its last layers trainable
         freeze_tower(self.vision, freeze_vision, unfrozen_vision_groups, "model.freeze_vision")
         freeze_tower(self.text, freeze_text, unfrozen_text_groups, "model.freeze_text")
+        # a tower that ends in its own projection (a pretrained CLIP's) keeps it: no second one on top
+        projected = [t.output_dim for t in (self.vision, self.text) if getattr(t, "projected", False)]
+        embed_dim = embed_dim or (projected[0] if projected else 256)
         projection = projection or {"name": "linear"}
-        self.vision_proj = PROJECTIONS.build(projection, "model.projection", in_dim=self.vision.output_dim, out_dim=embed_dim)
-        self.text_proj = PROJECTIONS.build(projection, "model.projection", in_dim=self.text.output_dim, out_dim=embed_dim)
+        self.vision_proj, self.text_proj = (
+            nn.Identity() if getattr(tower, "projected", False) and tower.output_dim == embed_dim else
+            PROJECTIONS.build(projection, "model.projection", in_dim=tower.output_dim, out_dim=embed_dim)
+            for tower in (self.vision, self.text))
+        self.embed_dim = embed_dim
         self.loss_fn = LOSSES.build(loss, "loss")
-        self.logit_scale = nn.Parameter(torch.tensor(float(self.loss_fn.logit_scale_init)))
+        scale = source.logit_scale if source else self.loss_fn.logit_scale_init
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
         bias = getattr(self.loss_fn, "logit_bias_init", None)
+        if bias is not None and source is not None and source.logit_bias is not None:
+            bias = source.logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.retrieval = nn.ModuleDict({"val": RetrievalRecall(), "test": RetrievalRecall()})
         self.zero_shot: dict[str, ZeroShotAccuracy] = {}
@@ -72,7 +108,10 @@ class CLIPTask(TaskModule):
         return F.normalize(self.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
 
     def temperature_scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        """exp(logit_scale), capped at 100 for the softmax loss as CLIP trains; the sigmoid
+        loss is uncapped (SigLIP's scale ends above 100, and HF's logits use it as it is)."""
+        cap = getattr(self.loss_fn, "max_logit_scale", MAX_LOGIT_SCALE)
+        return (self.logit_scale if cap is None else self.logit_scale.clamp(max=cap)).exp()
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The contrastive loss of one batch, its own negatives only."""
