@@ -24,11 +24,20 @@ def train_transform(config: ImageConfig, scale: tuple[float, float] = (0.9, 1.0)
 
 
 def eval_transform(config: ImageConfig) -> T.Compose:
-    """Resize the short side to size / crop_pct, then centre-crop: deterministic."""
+    """Resize the short side to size / crop_pct and centre-crop (``resize_mode: shortest``), or
+    resize to the square (``squash``, SigLIP's): deterministic. The resize comes first, so a
+    PIL image is resized by PIL, as open_clip's and HF's preprocessing do."""
+    interpolation = _interpolation(config.interpolation)
+    if config.resize_mode == "squash":
+        resize = [T.Resize((config.size, config.size), interpolation=interpolation, antialias=True)]
+    elif config.resize_mode == "shortest":
+        resize = [T.Resize(int(round(config.size / config.crop_pct)), interpolation=interpolation, antialias=True),
+                  T.CenterCrop(config.size)]
+    else:
+        raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {config.resize_mode!r}")
     return T.Compose([
+        *resize,
         T.ToImage(),
-        T.Resize(int(round(config.size / config.crop_pct)), interpolation=_interpolation(config.interpolation), antialias=True),
-        T.CenterCrop(config.size),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(config.mean, config.std),
     ])
