@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                    "class name; repeat for several (default: the recipe's, else 'a photo of a {}.')")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16], help="few-shot probe sizes, images per class")
     p.add_argument("--seeds", type=int, default=3, help="draws per few-shot probe")
+    p.add_argument("--wise-ft", type=float, nargs="+", metavar="ALPHA",
+                   help="also test the WiSE-FT interpolations (1 - a) * start + a * fine-tuned at these a in [0, 1], "
+                        "e.g. --wise-ft 0 0.25 0.5 0.75 1: a table and a chart in the report")
+    p = sub.add_parser("wise-ft", help="write a WiSE-FT interpolation of a run's starting and fine-tuned weights as a "
+                                       "checkpoint in the run (choose alpha with mml eval --wise-ft)")
+    p.add_argument("recipe", help="a run directory or a checkpoint in one, or a recipe with --ckpt")
+    p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
+    p.add_argument("--alpha", type=float, required=True, help="0: the starting weights, 1: the fine-tuned ones")
     p = sub.add_parser("predict", help="what a trained model says of each image in a folder: a caption (captioning) "
                        "or the zero-shot class (CLIP)")
     p.add_argument("recipe", help="a run directory or a checkpoint in one, or a recipe with --ckpt")
@@ -357,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import lightning as L
 
-    from mmlightning import report
+    from mmlightning import report, wise_ft
     from mmlightning.build import build_datamodule, build_task, build_trainer
     from mmlightning.data_modules.image_folder import read_image_folder
 
@@ -367,7 +375,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"two checkpoints given: --ckpt {args.ckpt} and ckpt={given[-1]}; give one.")
     if any(k < 1 for k in args.shots) or args.seeds < 1:
         raise UserError(f"--shots and --seeds must be >= 1, got {args.shots} and {args.seeds}.")
+    alphas = wise_ft.check_alphas(args.wise_ft) if args.wise_ft else []
     cfg, ckpt = config_for_checkpoint(args.recipe, args.ckpt or (given[-1] if given else None), overrides, "eval")
+    start = wise_ft.starting_weights(cfg) if alphas else None  # refuses a run from fresh weights before testing
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     task = build_task(cfg, load_pretrained=False)  # the checkpoint holds every weight
     datamodule = build_datamodule(cfg, task)
@@ -381,18 +391,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not results or not results[0]:
         raise UserError(f"recipe {cfg['recipe']!r} has no test split to evaluate (its data module gave no test "
                           f"batches): set the data's test split (e.g. data.test_shards).")
+    points = wise_ft.measure(task, trainer, datamodule, start, alphas) if alphas else []
     if not trainer.is_global_zero:  # the rest is one process's work: features, probes, files
         return 0
     task.to(trainer.strategy.root_device)  # the Trainer hands the model back on the CPU
     built = report.build_report(task, cfg["recipe"], ckpt, results[0], labelled, shots=tuple(args.shots),
                                 seeds=args.seeds)
+    if points:
+        built["sections"].append(wise_ft.report_section(points, task.epoch_line_metrics))
+        built["wise_ft"] = [{"alpha": a, **m} for a, m in points]
     paths = report.write_report(built, ckpt)
+    if points:
+        paths["wise-ft"] = wise_ft.line_chart(points, task.epoch_line_metrics, f"{cfg['recipe']}: WiSE-FT",
+                                              ckpt.with_name(f"{ckpt.stem}.wise-ft.png"))
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     wandb_run = report.log_to_wandb(built, paths, cfg, run_dir)
     print(report.to_markdown(built))
     for kind, path in paths.items():
         print(f"{kind + ':':<10} {path}")
     print(f"W&B run:   {wandb_run or '(W&B logger off)'}")
+    return 0
+
+
+def cmd_wise_ft(args: argparse.Namespace) -> int:
+    from mmlightning import wise_ft
+
+    cfg, ckpt = config_for_checkpoint(args.recipe, args.ckpt, [], "wise-ft")
+    out = wise_ft.write_checkpoint(cfg, ckpt, args.alpha)
+    print(f"wrote {out} (alpha {args.alpha:g}); it goes wherever a checkpoint does, e.g. mml eval {out}")
     return 0
 
 
@@ -473,7 +499,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 COMMANDS = {"ls": cmd_ls, "show": cmd_show, "cp": cmd_cp, "check": cmd_check, "fit": cmd_fit,
             "validate": cmd_evaluate, "test": cmd_evaluate, "eval": cmd_eval,
-            "predict": cmd_predict, "export": cmd_export, "data": cmd_data}
+            "predict": cmd_predict, "export": cmd_export, "wise-ft": cmd_wise_ft, "data": cmd_data}
 
 if __name__ == "__main__":
     sys.exit(main())

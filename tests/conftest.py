@@ -173,10 +173,20 @@ def vqav2_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fixtures(coco_fixture: Path, karpathy_fixture: Path, vqav2_fixture: Path, shards_fixture: Path,
-             minilm_dir: Path) -> dict[str, Path]:
+             minilm_dir: Path, pretrained_clips: dict[str, Path]) -> dict[str, Path]:
     """Every generated dataset and local model, by the names tests/tiny.py uses."""
     return {"coco": coco_fixture, "karpathy": karpathy_fixture, "vqav2": vqav2_fixture, "shards": shards_fixture,
-            "minilm": minilm_dir}
+            "minilm": minilm_dir, **pretrained_clips}
+
+
+@pytest.fixture(scope="session")
+def pretrained_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny CLIPs saved as open_clip and transformers save them (tests/clip_sources.py)."""
+    from clip_sources import hf_folder, open_clip_folder
+
+    root = tmp_path_factory.mktemp("pretrained_clips")
+    return {"open_clip": open_clip_folder(root / "open_clip"), "open_clip_bias": open_clip_folder(root / "oc_bias", -4.0),
+            "hf_clip": hf_folder(root / "clip", "clip"), "hf_siglip": hf_folder(root / "siglip", "siglip")}
 
 
 @pytest.fixture(scope="session")

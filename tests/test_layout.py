@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
      "mmlightning.runs", "mmlightning.config", "mmlightning.hf_dual_encoder", "mmlightning.recipes"),
     ("mmlightning.data_modules",),
     ("mmlightning.tasks",),
-    ("mmlightning.build", "mmlightning.report", "mmlightning.summary", "mmlightning.export"),
+    ("mmlightning.build", "mmlightning.report", "mmlightning.summary", "mmlightning.export", "mmlightning.wise_ft"),
     ("mmlightning.cli",),
 ]
 

@@ -2,7 +2,8 @@
 recipe with them; a new recipe needs an entry here (test_recipes checks that).
 
 ``fx`` maps fixture names to paths: coco, karpathy and vqav2 datasets in their official
-layouts, and minilm (a real BERT-style model directory)."""
+layouts, minilm (a real BERT-style model directory), open_clip and hf_clip (tiny pretrained-format
+CLIPs)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,16 @@ def tiny_bert(minilm: Path) -> list[str]:
             "model.text.config={num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}"]
 
 
-def coco_overrides(coco: Path, minilm: Path) -> list[str]:
+def coco_data(coco: Path) -> list[str]:
     return [
-        *tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16",
         f"data.train_json={coco}/annotations/captions_train2017.json", f"data.train_images={coco}/train2017",
         f"data.val_json={coco}/annotations/captions_val2017.json", f"data.val_images={coco}/val2017",
         "data.batch_size=16", "data.eval_batch_size=8", *TINY_STEPS,
     ]
+
+
+def coco_overrides(coco: Path, minilm: Path) -> list[str]:
+    return [*tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16", *coco_data(coco)]
 
 
 def vqav2_overrides(vqav2: Path, minilm: Path) -> list[str]:
@@ -75,6 +79,9 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
         "caption-shapes": lambda: SHAPES_CAPTION,
         "caption-coco": lambda: karpathy_overrides(fx["karpathy"], fx["minilm"]),
         "lit-shapes-pretrained": lambda: [*SHAPES_CLIP, "model.vision.img_size=32"],  # the real packaged weights
+        # tiny pretrained-format models, as open_clip and transformers save them (tests/clip_sources.py)
+        "clip-finetune-shapes": lambda: [*SHAPES_CLIP, f"model.pretrained=open_clip:local-dir:{fx['open_clip']}"],
+        "clip-finetune-coco": lambda: [f"model.pretrained=hf:{fx['hf_clip']}", *coco_data(fx["coco"])],
     }
     return table[recipe]()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,8 @@ def _load_model(source: OpenCLIPSource, load_weights: bool) -> tuple[nn.Module, 
     import open_clip
 
     weights_file = source.pretrained if source.pretrained and Path(source.pretrained).is_file() else None
+    if not load_weights:  # else open_clip warns, on the root logger, that the weights it was told to skip are absent
+        logging.disable(logging.WARNING)
     try:
         model = open_clip.create_model(source.model_name, pretrained=None if weights_file else source.pretrained,
                                        load_weights=load_weights, pretrained_text=False)
@@ -103,6 +106,8 @@ def _load_model(source: OpenCLIPSource, load_weights: bool) -> tuple[nn.Module, 
         offline = " (HF_HUB_OFFLINE=1: only weights already in the cache load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise UserError(f"open_clip:{source.text}: cannot load{offline}: {str(err).splitlines()[0]} "
                         f"Give a local file (open_clip:<arch>@/path/to/weights) or folder (open_clip:local-dir:/path).") from None
+    finally:
+        logging.disable(logging.NOTSET)
     if weights_file and load_weights:
         try:
             incompatible = open_clip.load_checkpoint(model, weights_file, strict=False)
