@@ -144,6 +144,7 @@ def to_open_clip(task: Any, out: Path) -> tuple[Path, str]:
     out.mkdir(parents=True, exist_ok=True)
     task.text.model.config.save_pretrained(out / "text")
     task.text.tokenizer.save_pretrained(out / "text")
+    task.text.tokenizer.save_pretrained(out)  # open_clip.get_tokenizer("local-dir:...") reads the folder itself
     state = renamed_state_dict(task, {"vision.model.": "visual.trunk.", "vision_proj.": "visual.head.proj.",
                                       "text.model.": "text.transformer.", "text_proj.": "text.proj."})
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
@@ -185,6 +186,7 @@ def to_open_clip_native(task: Any, out: Path) -> tuple[Path, str]:
     if model_cfg["text_cfg"].get("hf_model_name"):  # an HF text tower: its config and tokenizer travel along
         task.text.model.transformer.config.save_pretrained(out / "text")
         task.text.tokenizer.save_pretrained(out / "text")
+        task.text.tokenizer.save_pretrained(out)  # where open_clip.get_tokenizer("local-dir:...") looks
         model_cfg["text_cfg"].update(hf_model_name=str((out / "text").resolve()),
                                      hf_tokenizer_name=str((out / "text").resolve()), hf_model_pretrained=False)
     image = task.vision.image_config

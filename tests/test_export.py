@@ -31,8 +31,10 @@ def test_export_round_trips_through_open_clip(tmp_path: Path, minilm_dir: Path) 
     model.eval()
     task, _ = load_task("runs/r")
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    tokens = task.text.tokenizer(["a small red circle", "a large blue square left of a cross", "a cross"],
-                                 padding="max_length", max_length=16, return_tensors="pt")
+    captions = ["a small red circle", "a large blue square left of a cross", "a cross"]
+    tokens = task.text.tokenizer(captions, padding="max_length", max_length=16, return_tensors="pt")
+    # open_clip's own tokenizer for the folder gives the same ids
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'exported'}")(captions), tokens["input_ids"])
     with torch.no_grad():
         ours_image = task.encode_image(images)
         ours_text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])

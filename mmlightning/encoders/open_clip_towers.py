@@ -250,7 +250,9 @@ class OpenCLIPText(nn.Module):
             self.in_checkpoint = ""
         if hasattr(self.model, "output_tokens"):
             self.model.output_tokens = True
-        self.max_length = int(model.context_length)
+        # the config's context length, as open_clip's tokenizer reads it (an HF text tower's
+        # model.context_length is its position limit, e.g. 512)
+        self.max_length = int(cfg["text_cfg"].get("context_length") or model.context_length)
         tokenizer_name = self.source.model_name if self.source.model_name.startswith(SCHEMAS) else \
             self.source.model_name.partition("@")[0]
         self.tokenizer = OpenCLIPTokenizer(open_clip.get_tokenizer(tokenizer_name, context_length=self.max_length),

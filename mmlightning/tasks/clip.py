@@ -38,11 +38,6 @@ def towers_and_loss(source: Any, vision: dict[str, Any] | None, text: dict[str, 
             raise UserError(f"{' and '.join(missing)}: missing; give the towers, or model.pretrained for a whole "
                             f"pretrained CLIP (open_clip:<arch>@<tag or file>, hf:<dir or hub id>).")
         return vision, text, loss
-    if vision and "name" in vision and text and "name" in text:
-        raise UserError(f"model.pretrained ({source.vision['name'].split(':', 1)[1]}) fills the towers, and the "
-                        f"recipe names both of its own (model.vision.name {vision['name']!r}, model.text.name "
-                        f"{text['name']!r}): drop model.pretrained, or the tower names (start from a clip-finetune-* "
-                        f"recipe, whose base has none).")
     vision = dict(vision) if vision and "name" in vision else {**source.vision, **(vision or {})}
     text = dict(text) if text and "name" in text else {**source.text, **(text or {})}
     if "name" not in loss:
@@ -71,6 +66,11 @@ class CLIPTask(TaskModule):
         self.clip_gradient_value: float | None = None  # taken over from the Trainer when accumulating (configure_trainer)
         self.clip_gradient_algorithm = "norm"
         self._cached: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if pretrained and vision and "name" in vision and text and "name" in text:
+            raise UserError(f"model.pretrained ({pretrained}) fills the towers, and the recipe names both of its own "
+                            f"(model.vision.name {vision['name']!r}, model.text.name {text['name']!r}): drop "
+                            f"model.pretrained, or the tower names (start from a clip-finetune-* recipe, whose base "
+                            f"has none).")
         source = PRETRAINED_CLIPS.build({"name": pretrained}, "model.pretrained") if pretrained else None
         vision, text, loss = towers_and_loss(source, vision, text, loss)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
