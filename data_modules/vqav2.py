@@ -49,6 +49,7 @@ from mmlightning.metrics.vqa import answer_scores, normalize_answer, soft_target
 from mmlightning.registry import DATA_MODULES
 
 QUESTION_FIELDS = {"image_id": int, "question": str, "question_id": int}
+VQA_ANSWER_TYPES = ("number", "other", "yes/no")
 ANNOTATION_FIELDS = {"question_id": int, "image_id": int, "question_type": str, "answer_type": str,
                      "multiple_choice_answer": str, "answers": list}
 
@@ -182,8 +183,9 @@ def resolve(annotations: list[dict[str, Any]], path: str, key: str, index: dict[
     types = {t: k for k, t in enumerate(question_types)}
     for i, ann in enumerate(annotations):
         if ann["answer_type"] not in types:
-            raise UserError(f"{key}: {path}: annotations[{i}] has answer_type {ann['answer_type']!r}, which the "
-                              f"training annotations never use (they have {', '.join(question_types)}).")
+            raise UserError(f"{key}: {path}: annotations[{i}] has answer_type {ann['answer_type']!r}, neither one "
+                            f"of VQAv2's ({', '.join(VQA_ANSWER_TYPES)}) nor one the training annotations use "
+                            f"(known: {', '.join(question_types)}).")
 
     def in_vocab(scores: dict[str, float]) -> dict[int, float]:
         return {index[a]: s for a, s in scores.items() if a in index and s > 0}
@@ -283,7 +285,10 @@ class VQAv2Data(SplitDataModule):
         if not self.answers:
             raise UserError(f"data.train_annotations: {train_annotations} has no non-empty answer.")
         self.answer_index = {a: k for k, a in enumerate(self.answers)}
-        self.question_types: list[str] = sorted({a["answer_type"] for a in train})
+        # VQAv2's three answer types, and any other the training file uses: a subset of VQAv2
+        # may lack one in training yet have it in validation; a type with no question in a
+        # split is left out of that split's metrics
+        self.question_types: list[str] = sorted(set(VQA_ANSWER_TYPES) | {a["answer_type"] for a in train})
         self.type_groups: dict[str, list[str]] = {}  # VQAv2's answer types need no coarser grouping
         self.blind = blind_answers(train, self.answer_index)
         # resolve the training annotations now, so their JSON (GBs of Python objects) is freed

@@ -149,6 +149,21 @@ def test_blind_answer_of_an_unseen_question_type(broken: dict[str, str]) -> None
     assert int(batch["blind_answer"][1]) == dm.blind[load(broken["val_annotations"])["annotations"][1]["question_type"]]
 
 
+def test_an_answer_type_only_validation_has_is_reported(broken: dict[str, str]) -> None:
+    """A subset of VQAv2 may lack a type in training: validation still scores it, and a
+    split without a type logs nothing for it."""
+    numbers = {a["question_id"] for a in load(broken["train_annotations"])["annotations"] if a["answer_type"] == "number"}
+    edit(broken["train_annotations"], lambda d: d.update(annotations=[a for a in d["annotations"]
+                                                                      if a["question_id"] not in numbers]))
+    edit(broken["train_questions"], lambda d: d.update(questions=[q for q in d["questions"]
+                                                                  if q["question_id"] not in numbers]))
+    assert "number" in {a["answer_type"] for a in load(broken["val_annotations"])["annotations"]}
+    dm = build_and_setup(broken)
+    assert dm.question_types == ["number", "other", "yes/no"]
+    number = dm.question_types.index("number")
+    assert any(int(t) == number for b in dm.val_dataloader() for t in b["question_type"])
+
+
 def test_missing_file(broken: dict[str, str]) -> None:
     with pytest.raises(UserError, match=r"data.val_questions: file '.*nope.json' does not exist"):
         build_and_setup({**broken, "val_questions": "nope.json"})
@@ -209,8 +224,8 @@ def test_missing_image(broken: dict[str, str]) -> None:
 
 def test_missing_data_subtype_and_unknown_answer_type(broken: dict[str, str]) -> None:
     edit(broken["val_annotations"], lambda d: d["annotations"][1].update(answer_type="colour"))
-    with pytest.raises(UserError, match=r"annotations\[1\] has answer_type 'colour', which the training annotations "
-                                          r"never use \(they have number, other, yes/no\)"):
+    with pytest.raises(UserError, match=r"annotations\[1\] has answer_type 'colour', neither one of VQAv2's "
+                                          r"\(number, other, yes/no\) nor one the training annotations use"):
         build_and_setup(broken)
     edit(broken["train_questions"], lambda d: d.pop("data_subtype"))
     with pytest.raises(UserError, match=r"train2014_questions.json lacks 'data_subtype'"):
