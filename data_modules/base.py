@@ -33,10 +33,12 @@ Batch layouts are documented in ``common.py`` (image-text) and ``vqav2.py`` (que
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 from torch.utils.data import Dataset
+
+from mmlightning.errors import UserError
 
 
 @dataclass
@@ -73,6 +75,18 @@ class TaskData(L.LightningDataModule):
     def __init__(self, shuffle_seed: int = 0) -> None:
         super().__init__()
         self.shuffle_seed = int(shuffle_seed)
+
+    @staticmethod
+    def check_loader_options(spec: dict[str, Any]) -> None:
+        """Batch sizes and worker counts, checked from the recipe alone: the framework calls
+        this before it builds the (slow to build) model, and each data module in its
+        ``__init__``."""
+        batch, eval_batch = spec.get("batch_size", 1), spec.get("eval_batch_size", 1)
+        if not (isinstance(batch, int) and isinstance(eval_batch, int) and batch >= 1 and eval_batch >= 1):
+            raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch} and {eval_batch}.")
+        workers = spec.get("num_workers", 0)
+        if not isinstance(workers, int) or workers < 0:
+            raise UserError(f"data.num_workers must be >= 0 (0: load in the training process), got {workers}.")
 
     def train_batches_per_rank(self) -> int:
         """Batches of one training epoch on this rank, without building a loader (asking

@@ -123,11 +123,8 @@ class SplitDataModule(TaskData):
 
     def __init__(self, batch_size: int, eval_batch_size: int, num_workers: int, shuffle_seed: int = 0) -> None:
         super().__init__(shuffle_seed)
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size} and "
-                              f"{eval_batch_size}.")
-        if num_workers < 0:
-            raise UserError(f"data.num_workers must be >= 0, got {num_workers}.")
+        self.check_loader_options({"batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                                   "num_workers": num_workers})
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.datasets: dict[str, Dataset] = {}
 

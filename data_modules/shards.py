@@ -444,9 +444,8 @@ class ShardCaptionData(TaskData):
             raise UserError(f"data.mode: {mode!r} is not one of epochs, resampled.")
         if mode == "resampled" and not samples_per_epoch:
             raise UserError("data.mode=resampled needs data.samples_per_epoch (the sampling has no end).")
-        if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
-            raise UserError(f"data.batch_size and data.eval_batch_size must be >= 1 and data.num_workers >= 0, got "
-                              f"{batch_size}, {eval_batch_size}, {num_workers}.")
+        self.check_loader_options({"batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                                   "num_workers": num_workers})
         if not 0 <= max_bad_fraction <= 1:
             raise UserError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}.")
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config

@@ -67,6 +67,9 @@ def build_task(cfg: dict[str, Any], load_pretrained: bool = True):
     checkpoint of this very run is about to be loaded, the pretraining run is not needed."""
     import_components(cfg.get("imports"))
     task_cls = TASKS.get(str(cfg["task"]), "task")
+    # the data section's names and loader numbers fail now, not after the towers have loaded
+    DATA_MODULES.check(cfg["data"], "data")
+    TaskData.check_loader_options(cfg["data"])
     model = dict(cfg.get("model") or {})
     if not load_pretrained and model.get("init_from"):
         model["init_from"] = None

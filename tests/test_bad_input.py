@@ -69,3 +69,11 @@ def test_bad_input_row(what: str, command: str, message: str, tmp_path: Path, mi
     assert out.returncode == 2, f"{what}: {out.stderr[-2000:]}"
     assert message in out.stderr, f"{what}: {out.stderr[-2000:]}"
     assert "Traceback" not in out.stderr and len(re.findall(r"error:", out.stderr)) == 1
+
+
+def test_loader_options_fail_before_the_towers_load(capsys: pytest.CaptureFixture) -> None:
+    """clip-coco's towers name hub models, which cannot load offline: the worker count is
+    refused first, from the recipe alone."""
+    assert main(["fit", "clip-coco", "data.num_workers=-1", "logger.name=none"]) == 2
+    err = capsys.readouterr().err
+    assert "data.num_workers must be >= 0" in err and "bert" not in err
