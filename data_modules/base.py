@@ -64,6 +64,7 @@ class LabelledImages:
     classes: ZeroShotSpec
     train: Dataset
     test: Dataset
+    skipped: list[str] = field(default_factory=list)  # files left out: they do not decode as images
 
 
 class TaskData(L.LightningDataModule):

@@ -43,13 +43,26 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def decodes(path: Path) -> bool:
+    """Whether PIL reads the file as an image (its header and structure, without decoding all pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
 def class_folders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def read_image_folder(root: str | Path, image_config: ImageConfig, templates: list[str], test_fraction: float = 0.5,
                       seed: int = 0) -> LabelledImages:
-    """Every image under ``root`` with its class; errors name the folder and what is wrong."""
+    """Every image under ``root`` with its class; errors name the folder and what is wrong.
+    Files that do not decode are left out and listed in ``skipped`` (the report says so)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"--image-folder {str(root)!r} is not a folder.")
@@ -75,6 +88,8 @@ def read_image_folder(root: str | Path, image_config: ImageConfig, templates: li
             n_test = max(1, round(len(paths) * test_fraction)) if len(paths) > 1 else 0
             files["test"] += [(p, label) for p in paths[:n_test]]
             files["train"] += [(p, label) for p in paths[n_test:]]
+    skipped = sorted(str(path) for items in files.values() for path, _ in items if not decodes(path))
+    files = {split: [(path, label) for path, label in items if str(path) not in skipped] for split, items in files.items()}
     if len(names) < 2:
         raise UserError(f"--image-folder {str(root)!r}: needs at least 2 class subfolders, found "
                           f"{[n for n in names] or 'none'}.")
@@ -84,4 +99,4 @@ def read_image_folder(root: str | Path, image_config: ImageConfig, templates: li
                               f"{split} split.")
     classes = ZeroShotSpec(classnames=[n.replace("_", " ") for n in names], templates=list(templates))
     return LabelledImages(root.name, classes, ImageFiles(files["train"], image_config),
-                          ImageFiles(files["test"], image_config))
+                          ImageFiles(files["test"], image_config), skipped)

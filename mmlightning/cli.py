@@ -35,7 +35,32 @@ from mmlightning.console import quiet_third_party
 from mmlightning.errors import UserError
 
 
-def main(argv: list[str] | None = None) -> int:
+RECIPE_HELP = "a recipe name (mml ls lists them) or a path to a recipe YAML file"
+OVERRIDES_HELP = "key=value changes (+key=value adds a key, ~key removes one), e.g. trainer.max_epochs=3"
+EXAMPLES = {
+    "ls": ["mml ls", "mml ls vqa", "mml ls --components timm"],
+    "show": ["mml show clip-shapes trainer.max_epochs=3"],
+    "check": ["mml check clip-shapes model.vision.width=16"],
+    "cp": ["mml cp clip-shapes my-clip.yaml    # then: mml fit my-clip.yaml"],
+    "fit": ["mml fit clip-shapes", "mml fit clip-shapes trainer.max_epochs=3 data.batch_size=128",
+            "mml fit vqa-shapes model.init_from=runs/<clip-run>",
+            "mml fit clip-finetune-coco model.pretrained=hf:/models/clip-vit-base-patch32",
+            "mml fit clip-shapes --resume auto"],
+    "validate": ["mml validate runs/<run>"],
+    "test": ["mml test runs/<run>", "mml test clip-shapes --ckpt runs/<run>/checkpoints/last.ckpt"],
+    "eval": ["mml eval runs/<run>", "mml eval runs/<run> --image-folder my_classes/ --template 'a photo of a {}.'",
+             "mml eval runs/<run> --wise-ft 0 0.25 0.5 0.75 1"],
+    "predict": ["mml predict runs/<run> --images my_images/ --out predictions.json"],
+    "export": ["mml export runs/<run> --format open_clip --out exported/",
+               "mml export runs/<run> --format hf --out exported-hf/"],
+    "wise-ft": ["mml wise-ft runs/<run> --alpha 0.5"],
+    "data": ["mml data write shapes shards/train --num 1000", "mml data write shapes coco/ --format coco",
+             "mml data inspect shards/train"],
+}
+"""What each command's --help ends with."""
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traceback", action="store_true", help="show Python tracebacks for errors")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -45,21 +70,28 @@ def main(argv: list[str] | None = None) -> int:
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[verbose], **k)  # type: ignore[method-assign]
+
+    def with_examples(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        examples = "\n".join(f"  {line}" for line in EXAMPLES.get(name, []))
+        return add_parser(name, parents=[verbose], description=kwargs.get("help"),
+                          epilog=f"examples:\n{examples}" if examples else None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    sub.add_parser = with_examples  # type: ignore[method-assign]
     p = sub.add_parser("ls", help="list recipes, or with --components every registered component name")
-    p.add_argument("filter", nargs="?", default="")
+    p.add_argument("filter", nargs="?", default="", help="only names that contain this")
     p.add_argument("--components", action="store_true", help="list the names a recipe can use, by kind")
     p.add_argument("--markdown", action="store_true", help="with --components: as the docs page docs/components.md")
     for name, text in (("show", "print the resolved config"), ("check", "build and run one forward pass")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("recipe")
-        p.add_argument("overrides", nargs="*")
+        p.add_argument("recipe", help=RECIPE_HELP)
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p = sub.add_parser("cp", help="copy a recipe to a file you can edit")
-    p.add_argument("recipe")
-    p.add_argument("path")
+    p.add_argument("recipe", help=RECIPE_HELP)
+    p.add_argument("path", help="the YAML file to write")
     p = sub.add_parser("fit", help="train, then test the best checkpoint")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("recipe", help=RECIPE_HELP)
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--resume", help="a run directory, or 'auto' for the newest run of this recipe")
     for name in ("validate", "test"):
         p = sub.add_parser(name, help=f"evaluate on the {'validation' if name == 'validate' else 'test'} split")
@@ -69,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
     p = sub.add_parser("eval", help="the perception report of a checkpoint: JSON, Markdown and a chart beside it")
     p.add_argument("recipe", help="a run directory or a checkpoint in one, or a recipe with --ckpt")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint); `ckpt=...` works too")
     p.add_argument("--image-folder", help="also classify this folder of class-named subfolders (zero-shot, probes)")
     p.add_argument("--template", action="append", help="prompt template for --image-folder classes, with {} for the "
@@ -87,32 +119,39 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="what a trained model says of each image in a folder: a caption (captioning) "
                        "or the zero-shot class (CLIP)")
     p.add_argument("recipe", help="a run directory or a checkpoint in one, or a recipe with --ckpt")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--ckpt", help="checkpoint file or run directory (its best checkpoint)")
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp), searched recursively")
     p.add_argument("--out", help="write {file: caption} JSON here (default: print only)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p = sub.add_parser("export", help="write a CLIP checkpoint in another library's format")
     p.add_argument("ckpt", help="checkpoint file or run directory (its best checkpoint)")
-    p.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    p.add_argument("--format", required=True, choices=["open_clip", "hf"],
+                   help="open_clip: a local-dir folder open_clip loads; hf: a transformers folder")
     p.add_argument("--out", required=True, help="folder to write")
     p = sub.add_parser("data", help="write datasets as webdataset shards, COCO or VQAv2 JSON; inspect shards")
-    data = p.add_subparsers(dest="action", required=True)
+    data = p.add_subparsers(dest="action", required=True, help="write or inspect")
     w = data.add_parser("write", help="write the shapes world or a COCO-captions dataset")
-    w.add_argument("source", choices=["shapes", "coco"])
+    w.add_argument("source", choices=["shapes", "coco"], help="the shapes world, or a COCO-captions dataset")
     w.add_argument("out", help="folder to write")
-    w.add_argument("--format", choices=["wds", "coco", "vqav2"], default="wds")
+    w.add_argument("--format", choices=["wds", "coco", "vqav2"], default="wds",
+                   help="webdataset shards, COCO captions JSON or VQAv2 JSON (the last two: shapes only)")
     w.add_argument("--shard-size", type=int, default=1000, help="samples per shard (wds)")
     w.add_argument("--split", choices=["train", "val", "test"], default="train", help="shapes world split")
     w.add_argument("--num", type=int, default=1000, help="shapes world images")
     w.add_argument("--image-size", type=int, default=64, help="shapes world image size")
     w.add_argument("--image-format", choices=["png", "jpg", "webp"], default="jpg", help="shapes world, wds")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="shapes world seed")
     w.add_argument("--json", help="COCO captions JSON (source coco)")
     w.add_argument("--images", help="its image folder (source coco)")
     i = data.add_parser("inspect", help="count a shard set's samples and show a few")
     i.add_argument("shards", help="folder, brace pattern (shard-{000000..000009}.tar) or URL")
     i.add_argument("--show", type=int, default=3, help="captions to print")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # overrides may come before or after options: `mml fit R a=1 --resume auto b=2`
     args, extra = parser.parse_known_args(argv)
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):

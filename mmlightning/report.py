@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmlightning.data_modules.base import LabelledImages
 from mmlightning.data_modules.common import already_batched
+from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.loggers import wandb_mode
 from mmlightning.metrics import ZeroShotAccuracy
 from mmlightning.metrics.linear_probe import linear_probe
@@ -47,10 +50,20 @@ def image_features(task: Any, dataset: Dataset, batch_size: int = 256) -> tuple[
 def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, ...], seeds: int) -> list[dict[str, Any]]:
     """Zero-shot (when the task embeds text) and linear probes on one labelled image set."""
     classes = data.classes
+    progress(f"{data.name}: embedding {len(data.test)} test and {len(data.train)} training images")
     test_x, test_y = image_features(task, data.test)
     out = []
     n_classes = len(classes.classnames)
+    skipped = ([f"Skipped {len(data.skipped)} file(s) that do not decode as images, e.g. {data.skipped[0]}."]
+               if data.skipped else [])
+    if skipped:
+        warnings.warn(f"{data.name}: {skipped[0]}", stacklevel=2)
     if hasattr(task, "zero_shot_classifier"):
+        unknown = unspellable(task.data_spec().tokenizer, classes.classnames, task.data_spec().max_length)
+        if unknown:
+            warnings.warn(f"zero-shot on {data.name}: the text tower's tokenizer cannot spell {len(unknown)} of "
+                          f"{n_classes} class names ({', '.join(unknown[:5])}): they become unknown tokens, and "
+                          f"the score says little.", stacklevel=2)
         metric = ZeroShotAccuracy(n_classes, classes.groups, sync_on_compute=False)  # one process computes the report
         metric.update(test_x @ task.zero_shot_classifier(classes).float().cpu().T, test_y)
         scores = {k: float(v) for k, v in metric.compute().items()}
@@ -66,8 +79,13 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
             [table(["classes", "top-1", "top-5"], group_rows, f"{len(test_y)} test images, {n_classes} classes"),
              table(["class", "images", "top-1", "top-5"], rows, "per class")],
             [f"Class embedding: the mean of the normalised text embeddings of {len(classes.templates)} "
-             f"template(s): {templates}."]))
+             f"template(s): {templates}.",
+             *([f"Warning: {len(unknown)} of {n_classes} class names tokenize to unknown tokens "
+                f"({', '.join(unknown[:10])}): the text tower cannot tell them apart."] if unknown else []),
+             *skipped]))
     train_x, train_y = image_features(task, data.train)
+    progress(f"{data.name}: fitting linear probes ({', '.join(f'{k}-shot' for k in shots)} x {seeds} draws, and all "
+             f"{len(train_y)} images)")
     probe = linear_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(), shots=shots, seeds=seeds)
     rows = [[k, round(v["top1"], 4), round(v["std"], 4), v["seeds"], f"{v['C']:g}"] for k, v in probe.items()]
     out.append(section(
@@ -77,8 +95,24 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
                f"{len(train_y)} training / {len(test_y)} test images, {n_classes} classes")],
         ["Logistic regression (scikit-learn, L-BFGS) on frozen image features, standardised; C from "
          "{0.01, 0.1, 1, 10, 100} by accuracy on held-out training images, never the test set.",
-         *skipped_shots(shots, probe, train_y)]))
+         *skipped_shots(shots, probe, train_y), *skipped]))
     return out
+
+
+def progress(message: str) -> None:
+    """A line on stderr while the report is measured (probes can take minutes); stdout keeps
+    the report itself."""
+    print(f"[{time.strftime('%H:%M:%S')}] eval: {message}", file=sys.stderr, flush=True)
+
+
+def unspellable(tokenizer: Any, names: list[str], max_length: int) -> list[str]:
+    """The names that tokenize to the tokenizer's unknown token (a closed vocabulary, such as
+    the shapes world's, cannot spell "astronaut")."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not names:
+        return []
+    ids = tokenize(tokenizer, list(names), max_length)["input_ids"]
+    return [name for name, row in zip(names, ids) if bool((row == unk).any())]
 
 
 def skipped_shots(shots: tuple[int, ...], probe: dict[str, Any], train_y: torch.Tensor) -> list[str]:

@@ -57,3 +57,21 @@ def test_components_listing_names_every_registered_component() -> None:
             assert f"  {name} " in text or text.rstrip().endswith(f"  {name}"), name
     assert "co_attention" in components_listing("fusion")  # a filter matches the kind too
     assert "shapes_cnn" not in components_listing("fusion")
+
+
+def test_every_command_helps_with_a_line_per_argument_and_examples_that_parse() -> None:
+    import argparse
+    import shlex
+
+    from mmlightning.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"mml {name}: argument {action.dest} has no help line"
+        assert "examples:" in command.format_help(), f"mml {name} --help shows no examples"
+        for line in EXAMPLES[name]:
+            args = shlex.split(line, comments=True)[1:]
+            parsed, extra = parser.parse_known_args(args)  # as main parses: overrides may follow options
+            assert parsed.command == name and not any(e.startswith("-") for e in extra), line

@@ -51,7 +51,10 @@ def test_clip_report_has_every_section(clip_run: Path, tmp_path: Path, capsys: p
     capsys.readouterr()
     assert main(["eval", "clip-shapes", f"ckpt={clip_run}", *SHAPES_CLIP, *LABELLED, "--image-folder", str(folder),
                  "--template", "a {}", "--template", "the {}", "--shots", "1", "4", "--seeds", "2"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # progress while the probes fit, on stderr (stdout is the report)
+    assert "eval: my_classes: fitting linear probes (1-shot, 4-shot x 2 draws" in captured.err
     ckpt = eval_checkpoint(clip_run)
     report = json.loads(ckpt.with_name(f"{ckpt.stem}.report.json").read_text())
     assert report["checkpoint"] == str(ckpt)
@@ -145,6 +148,28 @@ def test_image_folder_layouts_and_errors(tmp_path: Path) -> None:
         read_image_folder(tmp_path / "one", config, ["a {}"])
     with pytest.raises(UserError, match="is not a folder"):
         read_image_folder(tmp_path / "missing", config, ["a {}"])
+
+
+def test_unspellable_classes_and_undecodable_files_are_reported(tmp_path: Path) -> None:
+    """The shapes tokenizer cannot spell "astronaut": a warning, in the console and the report;
+    a file that is no image is left out and counted, and the report goes on."""
+    from mmlightning import report
+    from mmlightning.build import build_task
+    from mmlightning.config import load_recipe, resolve
+
+    task = build_task(resolve(load_recipe("clip-shapes")))
+    folder = write_image_folder(tmp_path / "classes", per_class=4)
+    (folder / "large_red_circle").rename(folder / "astronaut")
+    (folder / "astronaut" / "broken.png").write_bytes(b"not a png")
+    data = read_image_folder(folder, task.data_spec().image_config, ["a {}"])
+    assert data.skipped == [str(folder / "astronaut" / "broken.png")]
+    with pytest.warns(UserWarning) as warned:
+        sections = report.classification_sections(task, data, shots=(1,), seeds=1)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "cannot spell 1 of 3 class names (astronaut)" in messages and "do not decode" in messages
+    zero_shot_notes = " ".join(sections[0]["notes"])
+    assert "1 of 3 class names tokenize to unknown tokens (astronaut)" in zero_shot_notes
+    assert "Skipped 1 file(s) that do not decode as images" in zero_shot_notes
 
 
 def test_eval_without_checkpoint_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
