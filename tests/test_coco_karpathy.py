@@ -131,3 +131,20 @@ def test_malformed_files_name_the_file_and_problem(karpathy_fixture: Path, token
         make(karpathy_fixture, tokenizer, bad).setup("test")
     with pytest.raises(UserError, match="does not exist"):
         make(karpathy_fixture, tokenizer, tmp_path / "nope.json").setup()
+
+
+def test_a_karpathy_file_without_a_test_split_fails_before_training(karpathy_fixture: Path, minilm_dir: Path,
+                                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """caption-coco on a file whose images are train and val only: refused before the run
+    directory exists, not after training."""
+    from tiny import karpathy_overrides
+
+    from mmlightning.cli import main
+
+    images = [dict(e, split="val" if e["split"] == "test" else e["split"]) for e in entries(karpathy_fixture)]
+    no_test = write(tmp_path, json.dumps({"images": images}))
+    code = main(["fit", "caption-coco", *karpathy_overrides(karpathy_fixture, minilm_dir), f"data.json_path={no_test}",
+                 "run.name=k", "logger.name=none"])
+    assert code == 2
+    assert "dataset_coco.json: no captioned images with split 'test'" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "k").exists()
