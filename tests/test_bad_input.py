@@ -46,6 +46,9 @@ def write_bad_files(root: Path) -> None:
     annotations = [{"id": i, "image_id": i, "caption": "a red square"} for i in range(3)]
     (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
     (root / "truncated.ckpt").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip's first bytes, then nothing
+    karpathy = [{"filename": image["file_name"], "imgid": image["id"], "split": split,
+                 "sentences": [{"raw": "a red square"}]} for image, split in zip(images[:2], ("train", "val"))]
+    (root / "karpathy_no_test.json").write_text(json.dumps({"images": karpathy}))
 
 
 @pytest.mark.parametrize("what, command, message", ROWS, ids=[r[0] for r in ROWS])
@@ -59,7 +62,9 @@ def test_bad_input_row(what: str, command: str, message: str, tmp_path: Path, mi
         capsys.readouterr()
     words = shlex.split(command)[1:]  # drop "mml"
     recipe_at = next(i for i, w in enumerate(words) if not w.startswith("-") and i > 0)
-    shrink = [*tiny_vit(), *tiny_bert(minilm_dir)] if words[recipe_at] == "clip-coco" else []
+    shrink = {"clip-coco": [*tiny_vit(), *tiny_bert(minilm_dir)],
+              "caption-coco": [*tiny_vit(), "model.decoder.config={n_layer: 1, n_embd: 32, n_head: 2}",
+                               f"model.decoder.tokenizer={minilm_dir}"]}.get(words[recipe_at], [])
     args = [*words[:recipe_at + 1], *shrink, *words[recipe_at + 1:], "logger.name=none"]
     if "--resume" in words or words[0] in ("export", "wise-ft"):
         args = words  # a resumed run takes its recipe from the run; export and wise-ft take no overrides
