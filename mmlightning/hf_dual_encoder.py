@@ -83,10 +83,15 @@ class MMLDualEncoderModel(PreTrainedModel):
         pooled = self.vision_model(pixel_values=pixel_values, return_dict=True).pooler_output
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``get_text_features(**tokenizer(texts, return_tensors="pt"))`` works: a BERT-style
+        tokenizer's ``token_type_ids`` go to the text model (all zeros, as in training)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        tokens = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        tokens = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                                 **extra).last_hidden_state
         if self.config.text_pooling == "cls":
             pooled = tokens[:, 0]
         else:  # the mean over real tokens: padding must not move the embedding
@@ -95,9 +100,10 @@ class MMLDualEncoderModel(PreTrainedModel):
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, **kwargs) -> CLIPOutput:
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                **kwargs) -> CLIPOutput:
         image_embeds = self.get_image_features(pixel_values)
-        text_embeds = self.get_text_features(input_ids, attention_mask)
+        text_embeds = self.get_text_features(input_ids, attention_mask, token_type_ids)
         logits_per_text = text_embeds @ image_embeds.T * self.logit_scale.exp()
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias
