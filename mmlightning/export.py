@@ -114,6 +114,12 @@ def open_clip_config(task: Any, text_dir: Path) -> dict[str, Any]:
                 and task.vision.model.default_cfg.get("input_size", [0, 0, 0])[-1] != spec["vision"]["img_size"]:
             problems.append(f"model.vision.img_size {spec['vision']['img_size']}: open_clip builds a timm transformer "
                             f"at its default size")
+    if isinstance(task.vision, TimmEncoder) and task.vision.image_config.crop_pct != 1.0:
+        image = task.vision.image_config
+        problems.append(f"the image tower evaluates at crop_pct {image.crop_pct:g} (resize to "
+                        f"{round(image.size / image.crop_pct)}, crop {image.size}), which open_clip's preprocessing "
+                        f"cannot say (it resizes to the crop size): train with model.vision.crop_pct=1, or export "
+                        f"--format hf, whose image processor can")
     if isinstance(task.text, HFTextEncoder) and task.text.pooling not in OPEN_CLIP_POOLING:
         problems.append(f"text pooling {task.text.pooling!r} has no open_clip pooler")
     if task.logit_bias is not None:

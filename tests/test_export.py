@@ -21,11 +21,16 @@ def tiny_hf_text(minilm: Path) -> list[str]:
             "config: {num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, intermediate_size: 64}}"]
 
 
-def test_export_round_trips_through_open_clip(tmp_path: Path, minilm_dir: Path) -> None:
+def test_export_round_trips_through_open_clip(tmp_path: Path, minilm_dir: Path, capsys: pytest.CaptureFixture) -> None:
     import open_clip
+    from PIL import Image
+    from skimage import data
 
-    assert main(["fit", "clip-shapes", *SHAPES_CLIP, "model.vision={name: 'timm:resnet18', img_size: 64}",
-                 *tiny_hf_text(minilm_dir), "trainer.max_steps=3", "logger.name=none", "run.name=r"]) == 0
+    from mmlightning.data_modules.transforms import eval_transform
+
+    tower = "model.vision={name: 'timm:resnet18', img_size: 64, crop_pct: 1.0}"
+    assert main(["fit", "clip-shapes", *SHAPES_CLIP, tower, *tiny_hf_text(minilm_dir), "trainer.max_steps=3",
+                 "logger.name=none", "run.name=r"]) == 0
     assert main(["export", "runs/r", "--format", "open_clip", "--out", "exported"]) == 0
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'exported'}")
     model.eval()
@@ -43,7 +48,19 @@ def test_export_round_trips_through_open_clip(tmp_path: Path, minilm_dir: Path) 
     assert (ours_image - theirs_image).abs().max() <= 1e-5
     assert (ours_text - theirs_text).abs().max() <= 1e-5
     assert torch.allclose(model.logit_scale, task.logit_scale)
-    assert preprocess.transforms[0].size == 64  # the preprocessing config travels too
+    # real non-square photos through each side's own preprocessing: the same embeddings
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("coffee", "chelsea", "rocket")]
+    ours_transform = eval_transform(task.vision.image_config)
+    with torch.no_grad():
+        ours_photos = task.encode_image(torch.stack([ours_transform(p) for p in photos]))
+        theirs_photos = model.encode_image(torch.stack([preprocess(p) for p in photos]), normalize=True)
+    assert (ours_photos - theirs_photos).abs().max() <= 1e-5
+    # timm's default evaluation crop (resnet18: 0.95) is what open_clip's preprocessing cannot say
+    assert main(["fit", "clip-shapes", *SHAPES_CLIP, "model.vision={name: 'timm:resnet18', img_size: 64}",
+                 *tiny_hf_text(minilm_dir), "trainer.max_steps=1", "logger.name=none", "run.name=cropped"]) == 0
+    capsys.readouterr()
+    assert main(["export", "runs/cropped", "--format", "open_clip", "--out", "exported-cropped"]) == 2
+    assert "evaluates at crop_pct 0.95 (resize to 67, crop 64)" in capsys.readouterr().err
 
 
 TINY_VIT = ("model.vision={name: 'timm:vit_tiny_patch16_224', img_size: 32, "

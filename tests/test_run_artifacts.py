@@ -40,7 +40,8 @@ def test_a_new_user_comes_back_to_a_run_by_its_directory_alone(tmp_path: Path, m
     then test, eval, predict and export from the run directory alone; resume keeps the log,
     and a finished run is left alone."""
     run = "runs/mine"
-    fitted = mml(tmp_path, "fit", "clip-shapes", *SHAPES_CLIP, "model.vision={name: 'timm:resnet18', img_size: 64}",
+    tower = "model.vision={name: 'timm:resnet18', img_size: 64, crop_pct: 1.0}"  # evaluated as open_clip does
+    fitted = mml(tmp_path, "fit", "clip-shapes", *SHAPES_CLIP, tower,
                  *tiny_hf_text(minilm_dir), "run.name=mine", "logger.name=csv")
     # stdout is a pipe here, as in a log file: plain progress lines, and validation metrics per epoch
     assert "epoch 1/1 batch" in fitted and "samples/s" in fitted and "validation, epoch 1: i2t_R@1" in fitted

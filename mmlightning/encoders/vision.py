@@ -58,12 +58,15 @@ class TimmEncoder(nn.Module):
     ``pretrained=True`` downloads through timm (needs the hub); ``checkpoint_path`` loads a
     local state dict instead (a path, or ``pkg:<package>/<file>`` inside an installed package),
     dropping the classifier. ``checkpoint_remap`` names a ``WEIGHT_REMAPS`` entry for a
-    checkpoint saved in another codebase's layout (``in_order``).
+    checkpoint saved in another codebase's layout (``in_order``). ``crop_pct``: evaluation
+    resizes the short side to ``size / crop_pct`` before the centre crop (default: timm's
+    value for the model, e.g. 0.875; 1 as CLIP and open_clip evaluate).
     """
 
     def __init__(self, model_name: str, pretrained: bool = False, checkpoint_path: str | None = None,
                  checkpoint_remap: str | None = None, img_size: int | None = None, grad_checkpointing: bool = False,
-                 model_kwargs: dict[str, Any] | None = None, where: str = "model.vision") -> None:
+                 model_kwargs: dict[str, Any] | None = None, crop_pct: float | None = None,
+                 where: str = "model.vision") -> None:
         super().__init__()
         kwargs = dict(model_kwargs or {})
         if model_name not in timm.list_models() and model_name.split(".")[0] not in timm.list_models():
@@ -86,6 +89,10 @@ class TimmEncoder(nn.Module):
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         data_cfg = timm.data.resolve_model_data_config(self.model)
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise UserError(f"{where}.crop_pct must be in (0, 1], got {crop_pct}.")
+        if crop_pct is not None:
+            data_cfg["crop_pct"] = crop_pct
         self.image_config = ImageConfig(
             size=int(img_size or data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]),
             interpolation=data_cfg.get("interpolation", "bicubic"), crop_pct=float(data_cfg.get("crop_pct", 1.0)),
