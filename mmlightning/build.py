@@ -124,6 +124,17 @@ def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
     return datamodule
 
 
+def inference_device(trainer_cfg: dict[str, Any]) -> torch.device:
+    """Where a single-process command (``mml predict``) runs: the recipe's accelerator, the
+    first GPU when it is ``auto``/``gpu``/``cuda`` and one is there, else the CPU."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if accelerator in ("auto", "mps") and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def resolve_precision(precision: str | int) -> str | int:
     """'auto': bf16-mixed where the hardware runs bf16 fast, else full fp32."""
     if str(precision) != "auto":

@@ -466,7 +466,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mmlightning.build import build_datamodule, build_task
+    from mmlightning.build import build_datamodule, build_task, inference_device
     from mmlightning.data_modules.coco import load_image
     from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, image_files
     from mmlightning.data_modules.transforms import eval_transform
@@ -485,7 +485,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing or unexpected:
         raise UserError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}. Give the recipe (or run directory config.yaml) it was trained with.")
-    task.eval()
+    task.to(inference_device(cfg.get("trainer") or {})).eval()  # the GPU where the recipe's accelerator has one
     transform = eval_transform(task.data_spec().image_config)
     answers: dict[str, str] = {}
     with torch.no_grad():

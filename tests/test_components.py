@@ -187,3 +187,13 @@ def test_components_name_the_recipe_key_they_are_built_at() -> None:
         VISION_ENCODERS.build({"name": "timm:resnet_nope"}, "model.fusion_side")
     with pytest.raises(UserError, match=r"model\.vision\.where: unknown option"):
         VISION_ENCODERS.build({"name": "timm:resnet18", "where": "x"}, "model.vision")
+
+
+def test_predict_runs_where_the_recipe_accelerator_says() -> None:
+    import torch
+
+    from mmlightning.build import inference_device
+
+    assert inference_device({"accelerator": "cpu"}).type == "cpu"
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # a GPU where there is one
+    assert inference_device({"accelerator": "auto"}) == expected
