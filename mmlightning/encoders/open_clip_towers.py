@@ -114,7 +114,9 @@ def _load_model(source: OpenCLIPSource, load_weights: bool) -> tuple[nn.Module, 
         except RuntimeError as err:  # a tensor of another shape
             raise UserError(f"{weights_file}: does not fit open_clip's {source.model_name}: "
                             f"{str(err).splitlines()[-1].strip()}") from None
-        missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
+        # big_vision .npz files load through open_clip's converter, which reports nothing
+        missing = list(getattr(incompatible, "missing_keys", []))
+        unexpected = list(getattr(incompatible, "unexpected_keys", []))
         if missing or unexpected:
             raise UserError(f"{weights_file}: does not fit open_clip's {source.model_name}: missing "
                             f"{missing[:5]}, unexpected {unexpected[:5]} ({len(missing)} missing, "
