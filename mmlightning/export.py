@@ -40,7 +40,6 @@ from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.vision import TimmEncoder
 from mmlightning.errors import UserError
 from mmlightning.hf_dual_encoder import MMLDualEncoderConfig, MMLDualEncoderModel
-from mmlightning.tasks.clip import MAX_LOGIT_SCALE
 
 OPEN_CLIP_POOLING = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 
@@ -95,7 +94,7 @@ def renamed_state_dict(task: Any, renames: dict[str, str]) -> dict[str, torch.Te
         if prefix is not None:
             state[renames[prefix] + key[len(prefix):]] = value
         elif key == "logit_scale":  # neither library clamps it: store what the model used
-            state[key] = value.clamp(max=MAX_LOGIT_SCALE)
+            state[key] = task.used_logit_scale().detach()
         elif key == "logit_bias":
             state[key] = value
     return state
@@ -158,13 +157,6 @@ def to_open_clip(task: Any, out: Path) -> tuple[Path, str]:
     return out, f"open_clip.create_model_and_transforms('local-dir:{out}')"
 
 
-def stored_logit_scale(task: Any) -> torch.Tensor:
-    """What the model used: capped as the loss caps it (neither library caps at inference)."""
-    cap = getattr(task.loss_fn, "max_logit_scale", MAX_LOGIT_SCALE)
-    scale = task.logit_scale.detach()
-    return scale if cap is None else scale.clamp(max=cap)
-
-
 def native_problems(task: Any, format_name: str, vision_cls: type, text_cls: type) -> list[str]:
     """Both towers the library's own, from one model, each keeping its own projection."""
     problems = []
@@ -186,7 +178,7 @@ def to_open_clip_native(task: Any, out: Path) -> tuple[Path, str]:
     out.mkdir(parents=True, exist_ok=True)
     state = {f"visual.{k}": v for k, v in task.vision.model.state_dict().items()}
     state.update({f"{task.text.in_checkpoint}{k}": v for k, v in task.text.model.state_dict().items()})
-    state["logit_scale"] = stored_logit_scale(task)
+    state["logit_scale"] = task.used_logit_scale().detach()
     if task.logit_bias is not None:
         state["logit_bias"] = task.logit_bias.detach()
     if model_cfg["text_cfg"].get("hf_model_name"):  # an HF text tower: its config and tokenizer travel along
@@ -213,12 +205,12 @@ def hf_native_model(task: Any) -> Any:
     vision, text = task.vision.model.config.to_dict(), task.text.model.config.to_dict()
     if task.vision.model_type == "clip":
         config = tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=task.embed_dim,
-                               logit_scale_init_value=float(stored_logit_scale(task)))
+                               logit_scale_init_value=float(task.used_logit_scale().detach()))
         model = tf.CLIPModel(config)
     else:
         model = tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision))
     state = {**whole_model_keys(task.vision.model), **whole_model_keys(task.text.model),
-             "logit_scale": stored_logit_scale(task).reshape(model.logit_scale.shape)}
+             "logit_scale": task.used_logit_scale().detach().reshape(model.logit_scale.shape)}
     if task.logit_bias is not None:
         state["logit_bias"] = task.logit_bias.detach().reshape(model.logit_bias.shape)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -292,7 +284,7 @@ def hf_config(task: Any) -> Any:
     return MMLDualEncoderConfig(
         vision_config=vision, text_config=text, text_pooling=task.text.pooling,
         vision_embed_dim=task.vision_proj.in_features, projection_dim=task.vision_proj.out_features,
-        logit_scale_init_value=task.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).item(),
+        logit_scale_init_value=task.used_logit_scale().item(),
         has_logit_bias=task.logit_bias is not None,
     )
 

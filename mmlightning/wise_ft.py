@@ -36,8 +36,7 @@ def starting_weights(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise UserError(f"WiSE-FT interpolates between the weights a run started from and its fine-tuned ones; "
                         f"recipe {cfg.get('recipe')!r} starts from fresh weights (no model.pretrained or "
                         f"model.init_from), so there is no zero-shot model to go back to.")
-    start = build_task(cfg, load_pretrained=True)
-    return {k: v.detach().clone() for k, v in start.state_dict().items()}
+    return build_task(cfg, load_pretrained=True).state_dict()  # the model is not kept: no copy needed
 
 
 def interpolate(start: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -62,8 +61,13 @@ def measure(task: Any, trainer: Any, datamodule: Any, start: dict[str, torch.Ten
     return points
 
 
+def shown_metrics(points: list[tuple[float, dict[str, float]]], metrics: tuple[str, ...]) -> list[str]:
+    """The task's headline metrics that every point has, else every metric measured."""
+    return [m for m in metrics if all(m in p for _, p in points)] or sorted(points[0][1])
+
+
 def report_section(points: list[tuple[float, dict[str, float]]], metrics: tuple[str, ...]) -> dict[str, Any]:
-    shown = [m for m in metrics if all(m in p for _, p in points)] or sorted(points[0][1])
+    shown = shown_metrics(points, metrics)
     best = {m: max(points, key=lambda p: p[1][m])[0] for m in shown}
     rows = [[f"{alpha:g}", *[round(p[m], 4) for m in shown]] for alpha, p in points]
     return section("WiSE-FT: starting weights to fine-tuned", {},
@@ -79,7 +83,7 @@ def line_chart(points: list[tuple[float, dict[str, float]]], metrics: tuple[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in metrics if all(m in p for _, p in points)] or sorted(points[0][1])
+    shown = shown_metrics(points, metrics)
     fig, ax = plt.subplots(figsize=(6, 4))
     alphas = [a for a, _ in points]
     for m in shown:

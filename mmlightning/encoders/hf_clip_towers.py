@@ -68,15 +68,16 @@ def image_config(name_or_path: str, model_type: str, size: int) -> ImageConfig:
     """The folder's image processor as the framework's ImageConfig (CLIP: resize the short
     side, centre-crop; SigLIP: squash to the square)."""
     from transformers import AutoImageProcessor
+    from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError):  # a folder without preprocessor_config.json: the model family's defaults
         processor = None
-    mean = tuple(getattr(processor, "image_mean", None) or ((0.48145466, 0.4578275, 0.40821073) if model_type == "clip"
-                                                            else (0.5, 0.5, 0.5)))
-    std = tuple(getattr(processor, "image_std", None) or ((0.26862954, 0.26130258, 0.27577711) if model_type == "clip"
-                                                          else (0.5, 0.5, 0.5)))
+    family_mean, family_std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if model_type == "clip" else \
+        (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)  # each image processor's own defaults
+    mean = tuple(getattr(processor, "image_mean", None) or family_mean)
+    std = tuple(getattr(processor, "image_std", None) or family_std)
     resample = getattr(processor, "resample", 3)
     interpolation = "bilinear" if int(resample) == 2 else "bicubic"
     resize = dict(getattr(processor, "size", None) or {})

@@ -145,14 +145,16 @@ def loaded(source_text: str, pretrained: bool, where: str) -> tuple[OpenCLIPSour
 
 def image_config(model: nn.Module) -> ImageConfig:
     """open_clip's eval preprocessing as the framework's ImageConfig."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     pre = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     size = pre.get("size", getattr(model.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else size
     resize_mode = pre.get("resize_mode", "shortest")
     if resize_mode not in ("shortest", "squash"):
         raise UserError(f"open_clip preprocess resize_mode {resize_mode!r}: only 'shortest' and 'squash' are supported.")
-    return ImageConfig(size=int(size), mean=tuple(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-                       std=tuple(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+    return ImageConfig(size=int(size), mean=tuple(pre.get("mean", OPENAI_DATASET_MEAN)),
+                       std=tuple(pre.get("std", OPENAI_DATASET_STD)),
                        interpolation=pre.get("interpolation", "bicubic"), resize_mode=resize_mode)
 
 

@@ -107,11 +107,15 @@ class CLIPTask(TaskModule):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
 
-    def temperature_scale(self) -> torch.Tensor:
-        """exp(logit_scale), capped at 100 for the softmax loss as CLIP trains; the sigmoid
-        loss is uncapped (SigLIP's scale ends above 100, and HF's logits use it as it is)."""
+    def used_logit_scale(self) -> torch.Tensor:
+        """The log-scale the model uses: capped at log(100) for the softmax loss as CLIP
+        trains; uncapped for the sigmoid loss (SigLIP's ends above 100, and HF's logits use it
+        as it is). Exports store this value."""
         cap = getattr(self.loss_fn, "max_logit_scale", MAX_LOGIT_SCALE)
-        return (self.logit_scale if cap is None else self.logit_scale.clamp(max=cap)).exp()
+        return self.logit_scale if cap is None else self.logit_scale.clamp(max=cap)
+
+    def temperature_scale(self) -> torch.Tensor:
+        return self.used_logit_scale().exp()
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The contrastive loss of one batch, its own negatives only."""
