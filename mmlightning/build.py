@@ -294,8 +294,12 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
     trainer_kwargs.setdefault("enable_model_summary", False)  # FitHeader says it in one line
     every = trainer_kwargs.get("log_every_n_steps") or 50
     progress = ProgressBar(every) if sys.stdout.isatty() else PlainProgress(every)
+    clipping: dict[str, Any] = {}
+    if not str(trainer_kwargs.get("strategy", "auto")).startswith("deepspeed"):  # DeepSpeed clips in its engine
+        clipping = {"clip_value": trainer_kwargs.pop("gradient_clip_val", None),
+                    "clip_algorithm": trainer_kwargs.pop("gradient_clip_algorithm", None)}
     callbacks: list[Any] = [FitHeader(), progress, EpochMetrics(), CarryRNGState(),
-                            NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop")]
+                            NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop", **clipping)]
     if isinstance(datamodule, TaskData):
         callbacks += datamodule.callbacks()
     plugins: list[Any] = []

@@ -161,43 +161,127 @@ def newest_readable(candidates: list[Path]) -> Path | None:
 
 
 class NonFiniteLoss(Exception):
-    """Raised before the optimizer step that would have written NaN/inf into the weights."""
+    """Raised at the first logging step after a step whose loss or gradients were NaN/inf;
+    that step's update was skipped, so the weights and every checkpoint stay finite."""
 
 
 class NonFiniteGuard(L.Callback):
-    """Checks the gradients before every optimizer step. A NaN or inf loss makes every
-    gradient non-finite; under DDP the gradients are already averaged across ranks there, so
-    every rank sees the same verdict and they stop together without another collective.
+    """Before every optimizer step: the gradients' global norm, computed once on the device
+    for two uses, clipping (``trainer.gradient_clip_val``, which this takes over from
+    Lightning) and the NaN/inf check, with no host-device sync.
 
-    ``stop`` (default): raise ``NonFiniteLoss`` naming the step and the last good checkpoint,
-    before the step, so the weights and every checkpoint stay finite. ``skip``: drop that
-    step's gradients, count it (``train/nonfinite_skipped``) and go on. ``allow``: no check.
-    The check costs one host-device sync per step (as a GradScaler's does)."""
+    A non-finite norm skips the update on the device, the way a GradScaler's ``found_inf``
+    does: optimizers that accept it (torch's fused AdamW/Adam/SGD, this project's default where
+    the parameters allow) leave weights, moments and step count as they were. The verdict
+    is read back only at logging steps, epoch ends and before validation, where Lightning
+    syncs anyway. ``stop`` (default) then raises ``NonFiniteLoss`` naming the first bad step
+    and the last good checkpoint; ``skip`` counts such steps (``train/nonfinite_skipped``) and
+    goes on; ``allow`` checks nothing (clipping still applies).
+
+    Under DDP the gradients are averaged before this hook, so every rank reaches the same
+    verdict; under FSDP each rank holds a shard, so the squared norm is summed across ranks
+    (an all-reduce queued on the device, no host wait). An optimizer without ``found_inf``
+    (unfused) gets the check with a host sync at each step instead. DeepSpeed partitions
+    gradients out of reach of this hook: there the guard steps aside (DeepSpeed clips, and
+    its fp16 loss scaler skips overflowing steps itself)."""
 
     MODES = ("stop", "skip", "allow")
 
-    def __init__(self, mode: str = "stop") -> None:
+    def __init__(self, mode: str = "stop", clip_value: float | None = None, clip_algorithm: str | None = None) -> None:
         if mode not in self.MODES:
             raise UserError(f"run.on_nonfinite: {mode!r} is not one of {', '.join(self.MODES)}.")
-        self.mode = mode
-        self.skipped = 0
+        algorithm = clip_algorithm or "norm"
+        if algorithm not in ("norm", "value"):
+            raise UserError(f"trainer.gradient_clip_algorithm: {clip_algorithm!r} is not one of norm, value.")
+        if clip_value is not None and not float(clip_value) > 0:
+            raise UserError(f"trainer.gradient_clip_val must be > 0 (or null: no clipping), got {clip_value}.")
+        self.mode, self.clip_value, self.clip_algorithm = mode, clip_value, algorithm
+        self._bad_steps: torch.Tensor | None = None  # on the device: steps skipped so far
+        self._first_bad: torch.Tensor | None = None  # on the device: the first such step, -1 if none
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._bad_steps = torch.tensor(float(state.get("skipped", 0)))
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped so far (a host sync: read it at a logging step)."""
+        return 0 if self._bad_steps is None else int(self._bad_steps)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self.mode, self.clip_value = "allow", None  # DeepSpeed clips from trainer.gradient_clip_val itself
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        if self.mode == "allow" or getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # 16-mixed: overflowing gradients are routine there, and its GradScaler skips those steps
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        optimizer.__dict__.pop("found_inf", None)  # never a stale verdict from an earlier step
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        # 16-mixed: overflowing gradients are routine there, and its GradScaler skips those steps
+        checks = self.mode != "allow" and getattr(trainer.precision_plugin, "scaler", None) is None
+        if not params or not (checks or self.clip_value):
             return
-        if self.mode == "skip":
+        if self.clip_value and self.clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, self.clip_value, foreach=True)
+        norm = global_grad_norm(params, sharded=_shards_gradients(trainer))
+        if self.clip_value and self.clip_algorithm == "norm":
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_value, norm, foreach=True)
+        if not checks:
+            return
+        found_inf = (~norm.isfinite()).float()
+        if self._bad_steps is None:
+            self._bad_steps = torch.zeros((), device=norm.device)
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, device=norm.device, dtype=torch.long)
+        self._bad_steps = self._bad_steps.to(norm.device) + found_inf
+        self._first_bad = self._first_bad.masked_fill((self._first_bad < 0) & found_inf.bool(), trainer.global_step)
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = found_inf  # read by the fused kernel: a bad step changes nothing
+        elif bool(found_inf):  # an optimizer that cannot skip on the device: decide now (a host sync)
             optimizer.zero_grad(set_to_none=True)  # the optimizer leaves gradient-less parameters alone
-            self.skipped += 1
-            pl_module.log("train/nonfinite_skipped", float(self.skipped))
+            self._stop_if_bad(trainer)
+        if self.mode == "skip":
+            pl_module.log("train/nonfinite_skipped", self._bad_steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._stop_if_bad(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop_if_bad(trainer)  # before a checkpoint is chosen on the validation metric
+
+    def on_train_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._stop_if_bad(trainer)
+
+    def _stop_if_bad(self, trainer: L.Trainer) -> None:
+        if self.mode != "stop" or self._first_bad is None or (first := int(self._first_bad)) < 0:
             return
         last_good = _last_checkpoint(trainer)
-        raise NonFiniteLoss(f"non-finite loss or gradients at step {trainer.global_step} (epoch "
-                            f"{trainer.current_epoch}); the weights were not updated. Last good checkpoint: "
-                            f"{last_good or 'none yet'}. run.on_nonfinite=skip steps over such batches instead.")
+        raise NonFiniteLoss(f"non-finite loss or gradients at step {first}; that step's update was skipped, so "
+                            f"the weights stayed finite (noticed at step {trainer.global_step}, epoch "
+                            f"{trainer.current_epoch}). Last good checkpoint: {last_good or 'none yet'}. "
+                            "run.on_nonfinite=skip steps over such batches instead.")
+
+
+def global_grad_norm(params: list[torch.Tensor], sharded: bool = False) -> torch.Tensor:
+    """The 2-norm of all of ``params``' gradients as one vector, as a device tensor. With
+    ``sharded`` each rank holds a disjoint part of them (FSDP): the squares are summed over
+    ranks."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]  # FSDP2's DTensors
+    norms = torch._foreach_norm(grads)
+    squares = torch.stack([n.float() ** 2 for n in norms]).sum()
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares)
+    return squares.sqrt()
+
+
+def _shards_gradients(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:

@@ -222,3 +222,86 @@ def test_nonfinite_on_one_rank_stops_both(tmp_path: Path) -> None:
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]
     assert "non-finite loss or gradients at step 1" in out.stderr
+
+
+class NaNAtStep(L.LightningModule):
+    """A linear model whose loss is NaN at one step: the smallest case of the guard's work."""
+
+    def __init__(self, nan_step: int, fused: bool) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 4)
+        self.nan_step, self.fused = nan_step, fused
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean() * 50
+        return loss * float("nan") if self.global_step == self.nan_step else loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1, fused=self.fused)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_guard_skips_the_bad_step_and_clips_as_torch_does(fused: bool) -> None:
+    """Skip mode against a hand-written loop: clip_grad_norm_ at 0.5 and AdamW, with the NaN
+    step left out entirely. Fused AdamW skips it on the device (found_inf); unfused falls back
+    to a host-side check; both must leave the weights, moments and step count untouched."""
+    from mmlightning.fault_tolerance import NonFiniteGuard
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 8) for _ in range(6)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(data)), batch_size=16)
+    model = NaNAtStep(nan_step=2, fused=fused)
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.layer.state_dict())
+    guard = NonFiniteGuard("skip", clip_value=0.5)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[guard], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05, weight_decay=0.1)
+    for step, x in enumerate(data):
+        if step == 2:
+            continue
+        optimizer.zero_grad()
+        (reference(x).pow(2).mean() * 50).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        optimizer.step()
+    assert guard.skipped == 1
+    for ours, theirs in zip(model.layer.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    state = trainer.optimizers[0].state[model.layer.weight]
+    assert int(state["step"]) == 5  # the skipped step is not counted (bias correction stays right)
+
+
+def _sharded_norm_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from mmlightning.fault_tolerance import global_grad_norm
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    norms = []
+    for poison in (None, float("inf")):
+        full = torch.arange(10.0).reshape(5, 2)
+        if poison is not None:
+            full[4, 1] = poison  # on the last rank's shard only
+        shard = torch.nn.Parameter(full.chunk(world)[rank].clone())  # FSDP-style: each rank one part
+        shard.grad = full.chunk(world)[rank].clone()
+        norms.append(global_grad_norm([shard], sharded=True))
+    torch.save(torch.stack(norms), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sharded_gradients_norm_summed_over_ranks(tmp_path: Path) -> None:
+    """Under FSDP each rank holds a shard of the gradients; every rank must see the norm of the
+    whole (and a non-finite value on another rank's shard), or the ranks would disagree on a skip."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_sharded_norm_worker, args=(2, port, str(tmp_path / "norm")), nprocs=2, start_method="spawn")
+    expected = torch.stack([torch.arange(10.0).norm(), torch.tensor(float("inf"))])
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"norm.{rank}"), expected)

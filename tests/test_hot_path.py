@@ -25,10 +25,9 @@ CONVERSIONS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu")
 # Where a sync is not ours to remove, matched against the innermost frames only (the whole
 # training step runs inside optimizer.step(closure), so an outer frame would excuse all):
 # the optimizer's step counter, and transformers' attention-mask building, which asks
-# whether the batch holds padding or packed sequences on every forward of an HF model. And one
-# of ours, on purpose: the non-finite guard's check before each optimizer step
-# (run.on_nonfinite=allow removes it).
-EXCUSED = ("torch/optim/", "transformers/masking_utils.py", "mmlightning/fault_tolerance.py")
+# whether the batch holds padding or packed sequences on every forward of an HF model. The
+# non-finite guard is not excused: it decides on the device and reads back at logging steps.
+EXCUSED = ("torch/optim/", "transformers/masking_utils.py")
 LOG_EVERY = 4
 
 

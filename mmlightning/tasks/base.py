@@ -139,16 +139,12 @@ class TaskModule(L.LightningModule):
             trainer_kwargs = {**trainer_kwargs, "strategy": "ddp_find_unused_parameters_true"}
         return trainer_kwargs
 
-    def clips_gradients(self) -> bool:
-        """Whether gradients are clipped in this fit (by Lightning, or by the task itself)."""
-        return bool(self.trainer.gradient_clip_val)
-
     def optimizer_steps_per_epoch(self, batches: int) -> int:
         """Optimizer steps in an epoch of ``batches`` training batches on this rank."""
         return math.ceil(batches / self.trainer.accumulate_grad_batches)
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.optimizer_spec, self.parameter_groups(), self.clips_gradients())
+        optimizer = build_optimizer(self.optimizer_spec, self.parameter_groups())
         if not self.scheduler_spec:
             return optimizer
         scheduler = SCHEDULERS.build(self.scheduler_spec, "scheduler", optimizer=optimizer,

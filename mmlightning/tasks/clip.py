@@ -63,8 +63,6 @@ class CLIPTask(TaskModule):
         # k batches per optimizer step with negatives across all of them (see accumulating_step)
         self.accumulate_batches = accumulate_batches
         self.automatic_optimization = accumulate_batches == 1
-        self.clip_gradient_value: float | None = None  # taken over from the Trainer when accumulating (configure_trainer)
-        self.clip_gradient_algorithm = "norm"
         self._cached: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if pretrained and vision and "name" in vision and text and "name" in text:
             raise UserError(f"model.pretrained ({pretrained}) fills the towers, and the recipe names both of its own "
@@ -176,7 +174,7 @@ class CLIPTask(TaskModule):
                                     (self.logit_bias if sync else self.logit_bias.detach()))
                 self.manual_backward(loss)
         self._set_rng_state(resume_rng)
-        optimizer.step()  # gradients are clipped in on_before_optimizer_step, after AMP unscaling
+        optimizer.step()  # clipped and checked on the way (fault_tolerance.NonFiniteGuard)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -185,36 +183,22 @@ class CLIPTask(TaskModule):
         return None
 
     def configure_trainer(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """With ``model.accumulate_batches`` the task steps its optimizer itself, so it takes
-        the gradient clipping over from Lightning; Lightning's own accumulation is refused
-        (it would score each batch only against its own negatives)."""
+        """Lightning's own accumulation is refused: it would score each batch only against its
+        own negatives (``model.accumulate_batches`` keeps them)."""
         trainer_kwargs = super().configure_trainer(trainer_kwargs)
-        lightning_accumulates = (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1
-        if self.accumulate_batches > 1:
-            if lightning_accumulates:
+        if (trainer_kwargs.get("accumulate_grad_batches") or 1) > 1:
+            if self.accumulate_batches > 1:
                 raise UserError("set model.accumulate_batches or trainer.accumulate_grad_batches, not both: the "
                                 "task accumulates itself, keeping every batch's negatives.")
-            trainer_kwargs = dict(trainer_kwargs)
-            self.clip_gradient_value = trainer_kwargs.pop("gradient_clip_val", None)
-            self.clip_gradient_algorithm = trainer_kwargs.pop("gradient_clip_algorithm", None) or "norm"
-        elif lightning_accumulates:
             raise UserError("trainer.accumulate_grad_batches would score each batch only against itself (fewer "
                             "negatives than the accumulated batch). Use model.accumulate_batches instead: the same "
                             "loss and gradients as one batch that many times larger.")
         return trainer_kwargs
 
-    def clips_gradients(self) -> bool:
-        return bool(self.clip_gradient_value) or super().clips_gradients()
-
     def optimizer_steps_per_epoch(self, batches: int) -> int:
         if self.accumulate_batches > 1:  # the task accumulates itself and drops a short last group
             return batches // self.accumulate_batches
         return super().optimizer_steps_per_epoch(batches)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.accumulate_batches > 1 and self.clip_gradient_value:
-            self.clip_gradients(optimizer, gradient_clip_val=self.clip_gradient_value,
-                                gradient_clip_algorithm=self.clip_gradient_algorithm)
 
     def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CPU and (on a GPU) this device's generator: dropout draws from the latter."""
