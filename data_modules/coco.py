@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules.common import SplitDataModule, read_json_with_images, string_ids
-from mmlightning.data_modules.transforms import eval_transform, train_transform
+from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
@@ -68,7 +68,7 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int, int]:
         image_index, caption = self.items[index]
-        return self.transform(load_image(self.paths[image_index])), caption, image_index, int(self.caption_id[index])
+        return apply_transform(self.transform, load_image(self.paths[image_index]), index), caption, image_index, int(self.caption_id[index])
 
 
 class CaptionedImages(Dataset):

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import SplitDataModule, read_json_with_images
-from mmlightning.data_modules.transforms import eval_transform, train_transform
+from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
@@ -110,7 +110,7 @@ class CaptionItems(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         image = self.images[int(self.owner[index])]
         tokens = self.ids[self.offsets[index]:self.offsets[index + 1]]
-        return self.transform(load_image(image.path)), tokens, image.image_id
+        return apply_transform(self.transform, load_image(image.path), index), tokens, image.image_id
 
 
 class ImageItems(Dataset):

@@ -62,6 +62,21 @@ def already_batched(batch: Any) -> Any:
     return batch
 
 
+class SampleIndex(int):
+    """A training index that carries its sample's seed for random augmentation (see
+    ``transforms.apply_transform``); everywhere else it is the plain int it equals."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> SampleIndex:
+        value = super().__new__(cls, index)
+        value.seed = seed
+        return value
+
+    def __reduce__(self) -> tuple[Any, ...]:  # to loader workers, seed included
+        return SampleIndex, (int(self), self.seed)
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (shuffled from ``seed`` and the epoch, each rank its share) that
     can start an epoch part-way: after a mid-epoch resume it skips the samples the
@@ -87,7 +102,8 @@ class ResumableSampler(DistributedSampler):
             # set on it later would not reach, and a resumed run replays the same items
             offset = self.epoch * len(self.dataset)
             indices = [offset + i for i in indices]
-        return iter(indices)
+        # hash() of a tuple of ints is the same in every process (only str hashing is salted)
+        return iter(SampleIndex(i, hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF) for i in indices)
 
 
 class ResumableLoader(DataLoader):
@@ -149,9 +165,12 @@ class SplitDataModule(TaskData):
         """Shuffled per epoch from the run's seed, split across ranks, and resumable mid-epoch:
         Lightning saves its position in checkpoints (see ``ResumableLoader``)."""
         sampler = ResumableSampler(self.datasets["train"], seed=self.shuffle_seed, drop_last=self.drop_last_train)
+        # the loader's own generator: creating its iterator draws the workers' base seed, which
+        # would otherwise come from (and shift) the process's stream that dropout draws from
         return ResumableLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler,
                                drop_last=self.drop_last_train, collate_fn=self.collate_fn("train"),
                                num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                               generator=torch.Generator().manual_seed(self.shuffle_seed),
                                batches_done=self._batches_done_this_epoch)
 
     def train_batches_per_rank(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -11,6 +13,20 @@ from mmlightning.encoders.outputs import ImageConfig
 
 def _interpolation(name: str) -> InterpolationMode:
     return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}.get(name, InterpolationMode.BICUBIC)
+
+
+def apply_transform(transform: Any, image: Any, index: int) -> torch.Tensor:
+    """``transform(image)`` with the sample's own random numbers where the training sampler
+    gave its index a seed (``common.SampleIndex``): a random crop then depends on the run's
+    seed, the epoch and the sample only, not on the loader worker, the rank or what came before
+    it, so a resumed run crops as the uninterrupted one did. The process's generator is left
+    as it was (dropout keeps its own stream)."""
+    seed = getattr(index, "seed", None)
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
 
 
 def train_transform(config: ImageConfig, scale: tuple[float, float] = (0.9, 1.0)) -> T.Compose:

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import SplitDataModule
-from mmlightning.data_modules.transforms import eval_transform, train_transform
+from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
@@ -232,7 +232,8 @@ class VQAQuestions(Dataset):
         columns = mask.any(0)  # tokenized once for the whole split: drop padding no question in this batch needs
         s = self.split
         return {
-            "image": torch.stack([self.transform(load_image(self.image_path(i))) for i in s.image_id[idx].tolist()]),
+            "image": torch.stack([apply_transform(self.transform, load_image(self.image_path(image_id)), i)
+                                 for i, image_id in zip(indices, s.image_id[idx].tolist())]),
             "input_ids": self.text["input_ids"][idx][:, columns],
             "attention_mask": mask[:, columns],
             "target": s.target.dense(idx, self.num_answers),

@@ -92,34 +92,56 @@ the next hook (after Lightning has logged the step).
 
 
 class CarryRNGState(L.Callback):
-    """Save the Python, NumPy and torch RNG states with each checkpoint and put them back
-    right before the first batch after a resume, so dropout and augmentation draw the same
-    numbers as the uninterrupted run would have."""
+    """Save every rank's Python, NumPy, torch CPU and CUDA generator states with each
+    checkpoint and put each rank's back when the resumed run starts training (after the
+    sanity check, before the first batch is fetched), so dropout draws the same numbers as the uninterrupted run would have.
+    (Augmentation does not draw from these: each sample has its own seed, see
+    ``transforms.apply_transform``.) Resumed on another number of ranks, a run keeps going
+    with a warning; exactness then cannot hold anyway."""
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        # tensors and plain Python values only: Lightning loads checkpoints with weights_only=True
-        kind, keys, position, has_gauss, gauss = np.random.get_state()
-        return {"python": random.getstate(), "torch": torch.get_rng_state(),
-                "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                          "has_gauss": int(has_gauss), "gauss": float(gauss)},
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        # every rank builds the checkpoint (rank 0 writes it), so the states can be gathered here
+        own = _rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, own)
+        else:
+            ranks = [own]
+        return {"ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = state
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
         if self._pending is None:
             return
-        state, self._pending = self._pending, None
-        random.setstate(state["python"])
-        n = state["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
-        torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        ranks, self._pending = self._pending.get("ranks") or [self._pending], None  # older checkpoints: rank 0's
+        if len(ranks) != trainer.world_size:
+            warnings.warn(f"the checkpoint carries the random state of {len(ranks)} rank(s) and this run has "
+                          f"{trainer.world_size}: the resumed run goes on, but not as the uninterrupted one would",
+                          stacklevel=2)
+        _set_rng_state(ranks[trainer.global_rank % len(ranks)])
+
+
+def _rng_state() -> dict[str, Any]:
+    # tensors and plain Python values only: Lightning loads checkpoints with weights_only=True
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
