@@ -65,10 +65,10 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
                           f"{n_classes} class names ({', '.join(unknown[:5])}): they become unknown tokens, and "
                           f"the score says little.", stacklevel=2)
         metric = ZeroShotAccuracy(n_classes, classes.groups, sync_on_compute=False)  # one process computes the report
-        metric.update(test_x @ task.zero_shot_classifier(classes).float().cpu().T, test_y)
+        metric.update(test_x @ task.zero_shot_classifier(classes).float().cpu().T, test_y, torch.arange(len(test_y)))
         scores = {k: float(v) for k, v in metric.compute().items()}
-        top1, top5 = metric.per_class(), metric.correct_top5 / metric.total.clamp(min=1)
-        rows = [[name, int(metric.total[i]), round(float(top1[i]), 4), round(float(top5[i]), 4)]
+        images, accuracy = metric.per_class()  # columns: top-1, top-5
+        rows = [[name, int(images[i]), round(float(accuracy[i, 0]), 4), round(float(accuracy[i, 1]), 4)]
                 for i, name in enumerate(classes.classnames)]
         group_rows = [[g or "all", round(scores[f"top1{s}"], 4), round(scores[f"top5{s}"], 4)]
                       for g, s in [("", ""), *((g, f"_{g}") for g in classes.groups)]]

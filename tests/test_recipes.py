@@ -142,8 +142,8 @@ def test_ddp_metrics_equal_one_process_with_the_global_batch(tmp_path: Path) -> 
     run's permutation out across ranks), the gathered contrastive loss gives the same
     gradients, and the evaluation metrics are reduced over every rank's share: the same
     weights and the same test metrics. (A tower without BatchNorm, whose statistics would
-    be per rank.)"""
-    tower = ["model.vision={name: 'timm:vit_base_patch16_224', img_size: 32, "
+    be per rank.) The test split of 47 does not divide by 2: the sampler's repeat is counted once."""
+    tower = ["data.num_test=47", "model.vision={name: 'timm:vit_base_patch16_224', img_size: 32, "
              "model_kwargs: {depth: 1, embed_dim: 32, num_heads: 2}}", "trainer.precision=32-true",
              "logger.name=none", "trainer.accelerator=cpu"]
     runs = {"ddp": ["data.batch_size=32", "trainer.devices=2", "trainer.strategy=ddp"],

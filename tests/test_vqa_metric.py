@@ -126,31 +126,33 @@ def test_answer_scores_and_soft_targets() -> None:
 
 def test_metric_groups() -> None:
     metric = VQAAccuracy(["number", "other", "yes/no"])
-    metric.update(torch.tensor([1.0, 0.3, 0.6]), torch.tensor([2, 2, 0]))
-    metric.update(torch.tensor([0.9, 0.0]), torch.tensor([2, -1]))  # -1: overall only
+    metric.update(torch.tensor([1.0, 0.3, 0.6]), torch.tensor([2, 2, 0]), torch.tensor([10, 11, 12]))
+    metric.update(torch.tensor([0.9, 0.0]), torch.tensor([2, -1]), torch.tensor([13, 14]))  # -1: overall only
     out = {k: float(v) for k, v in metric.compute().items()}
     # overall (1 + 0.3 + 0.6 + 0.9 + 0) / 5; yes/no (1 + 0.3 + 0.9) / 3; number 0.6; no "other" sample
     assert out == pytest.approx({"acc": 2.8 / 5, "acc_yes/no": 2.2 / 3, "acc_number": 0.6})
     metric.reset()
-    metric.update(torch.tensor([0.5]), torch.tensor([1]))
+    metric.update(torch.tensor([0.5]), torch.tensor([1]), torch.tensor([10]))
     assert {k: float(v) for k, v in metric.compute().items()} == pytest.approx({"acc": 0.5, "acc_other": 0.5})
 
 
 def test_metric_without_groups_and_bad_groups() -> None:
     metric = VQAAccuracy([])
-    metric.update(torch.tensor([0.3, 0.6]), torch.empty(2, dtype=torch.long).fill_(-1))
+    metric.update(torch.tensor([0.3, 0.6]), torch.empty(2, dtype=torch.long).fill_(-1), torch.tensor([1, 2]))
     assert {k: float(v) for k, v in metric.compute().items()} == pytest.approx({"acc": 0.45})
     with pytest.raises(ValueError, match="group 3 out of range"):
-        VQAAccuracy(["a", "b"]).update(torch.tensor([1.0]), torch.tensor([3]))
+        VQAAccuracy(["a", "b"]).update(torch.tensor([1.0]), torch.tensor([3]), torch.tensor([1]))
 
 
 def test_metric_merges_like_one_process_across_ranks() -> None:
-    # merge_state applies each state's dist_reduce_fx, as the sync across ranks does
+    # merge_state applies each state's dist_reduce_fx, as the sync across ranks does; rank b
+    # ends with a repeat of question 0, as DistributedSampler pads a split of 5 for 2 ranks
     one, a, b = (VQAAccuracy(["x", "y"]) for _ in range(3))
-    scores, groups = torch.tensor([1.0, 0.3, 0.6, 0.9]), torch.tensor([0, 1, 1, 0])
-    one.update(scores, groups)
-    a.update(scores[:2], groups[:2])
-    b.update(scores[2:], groups[2:])
+    scores, groups, ids = torch.tensor([1.0, 0.3, 0.6, 0.9]), torch.tensor([0, 1, 1, 0]), torch.arange(4)
+    one.update(scores, groups, ids)
+    a.update(scores[0::2], groups[0::2], ids[0::2])
+    b.update(torch.cat([scores[1::2], scores[:1]]), torch.cat([groups[1::2], groups[:1]]),
+             torch.cat([ids[1::2], ids[:1]]))
     a.merge_state(b)
     expected = {"acc": 2.8 / 4, "acc_x": 1.9 / 2, "acc_y": 0.9 / 2}
     assert {k: float(v) for k, v in a.compute().items()} == pytest.approx(expected)
@@ -327,7 +329,7 @@ def test_reported_accuracy_is_the_script_overall_and_per_type() -> None:
                                index.get(normalize_answer(p), 0) for p, _ in cases])
     score = rows.gather(1, prediction[:, None]).squeeze(1)
     metric = VQAAccuracy(types)
-    metric.update(score, split.answer_type)
+    metric.update(score, split.answer_type, split.question_id)
     ours = {k: float(v) for k, v in metric.compute().items()}
 
     gts = {a["question_id"]: a for a in annotations}

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from mmlightning.metrics.samples import first_occurrences
+
 
 class RetrievalRecall(Metric):
     full_state_update = False
@@ -34,9 +36,9 @@ class RetrievalRecall(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         cat = lambda x: torch.cat(x) if isinstance(x, list) else x  # noqa: E731  (a list until synced)
         # distributed samplers pad with repeats: keep each image and caption once
-        image_ids, first = _unique_first(cat(self.image_ids))
+        image_ids, first = first_occurrences(cat(self.image_ids))
         images = cat(self.image_features)[first]
-        _, tfirst = _unique_first(cat(self.text_ids))
+        _, tfirst = first_occurrences(cat(self.text_ids))
         texts = cat(self.text_features)[tfirst]
         owner, cap = cat(self.text_image_ids)[tfirst], cat(self.caption_ids)[tfirst]
         cap = torch.unique(cap, return_inverse=True)[1]  # dense: streamed data hashes captions to 63-bit ids
@@ -71,9 +73,3 @@ class RetrievalRecall(Metric):
         return idx
 
 
-def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique ids and the position of the first occurrence of each."""
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
-    return uniq, first

@@ -37,6 +37,8 @@ from collections import Counter
 import torch
 from torchmetrics import Metric
 
+from mmlightning.metrics.samples import concatenated, first_occurrences
+
 # --- the tables of vqaEval.py ---------------------------------------------------------------
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 # A period is deleted unless a digit follows: the pattern begins with "(?!<=\d)", a typo for
@@ -175,7 +177,9 @@ class VQAAccuracy(Metric):
     A sample whose group is negative counts towards ``acc`` only. Groups that saw no sample
     are left out of ``compute``'s result rather than reported as 0 or nan, so a split
     without, say, "number" questions does not log a misleading value. ``acc`` is 0 before
-    any update. Sums are float64: float32 loses digits over the 200k questions of VQAv2 val.
+    any update. Each question counts once by its id, whatever the distributed sampler
+    repeated (``samples.py``); sums are float64: float32 loses digits over the 200k questions
+    of VQAv2 val.
     """
 
     full_state_update = False
@@ -183,29 +187,33 @@ class VQAAccuracy(Metric):
     def __init__(self, group_names: list[str]) -> None:
         super().__init__()
         self.group_names = list(group_names)
-        n = len(self.group_names)
-        self.add_state("group_sum", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("group_count", default=torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total_count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        for name in ("scores", "groups", "sample_ids"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, accuracy_of_prediction: torch.Tensor, group: torch.Tensor) -> None:
+    def update(self, accuracy_of_prediction: torch.Tensor, group: torch.Tensor, sample_ids: torch.Tensor) -> None:
         score = accuracy_of_prediction.detach().reshape(-1).to(torch.float64)
-        group = group.reshape(-1).long()
-        if score.shape != group.shape:
-            raise ValueError(f"VQAAccuracy.update: {score.numel()} accuracies but {group.numel()} group labels")
+        group, sample_ids = group.reshape(-1).long(), sample_ids.reshape(-1).long()
+        if not score.shape == group.shape == sample_ids.shape:
+            raise ValueError(f"VQAAccuracy.update: {score.numel()} accuracies, {group.numel()} group labels and "
+                             f"{sample_ids.numel()} question ids; they must match")
         if group.numel() and int(group.max()) >= len(self.group_names):
             raise ValueError(f"VQAAccuracy.update: group {int(group.max())} out of range for "
                              f"{len(self.group_names)} groups {self.group_names}")
-        self.total_sum += score.sum()
-        self.total_count += score.numel()
-        keep = group >= 0
-        self.group_sum.index_add_(0, group[keep], score[keep])
-        self.group_count.index_add_(0, group[keep], torch.ones_like(group[keep]))
+        self.scores.append(score)
+        self.groups.append(group)
+        self.sample_ids.append(sample_ids)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        out = {"acc": (self.total_sum / self.total_count.clamp(min=1)).float()}
+        long = torch.zeros(0, dtype=torch.long, device=self.device)
+        _, first = first_occurrences(concatenated(self.sample_ids, long))
+        score = concatenated(self.scores, long.double())[first]
+        group = concatenated(self.groups, long)[first]
+        out = {"acc": (score.sum() / max(len(score), 1)).float()}
+        keep = group >= 0
+        n = len(self.group_names)
+        group_sum = torch.zeros(n, dtype=torch.float64, device=score.device).index_add_(0, group[keep], score[keep])
+        group_count = torch.bincount(group[keep], minlength=n)
         for g, name in enumerate(self.group_names):
-            if int(self.group_count[g]) > 0:
-                out[f"acc_{name}"] = (self.group_sum[g] / self.group_count[g]).float()
+            if int(group_count[g]) > 0:
+                out[f"acc_{name}"] = (group_sum[g] / group_count[g]).float()
         return out

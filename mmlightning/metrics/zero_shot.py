@@ -7,40 +7,54 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from mmlightning.metrics.samples import concatenated, first_occurrences
+
 
 class ZeroShotAccuracy(Metric):
     """Top-1/top-5 accuracy overall and per named group of classes. Images labelled -1
-    (not single-class) are ignored."""
+    (not single-class) are ignored; each image counts once by its id, whatever the
+    distributed sampler repeated (``samples.py``)."""
 
     full_state_update = False
 
     def __init__(self, num_classes: int, groups: dict[str, list[int]] | None = None, top_k: tuple[int, ...] = (1, 5),
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)  # torchmetrics options, e.g. sync_on_compute=False
-        self.groups, self.top_k = dict(groups or {}), top_k
-        self.add_state("total", default=torch.zeros(num_classes), dist_reduce_fx="sum")
-        for k in top_k:
-            self.add_state(f"correct_top{k}", default=torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.num_classes, self.groups, self.top_k = num_classes, dict(groups or {}), top_k
+        for name in ("labels", "sample_ids", "hits"):  # hits: (samples, len(top_k)), hit at each k
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> None:
         keep = labels >= 0
-        logits, labels = logits[keep], labels[keep]
+        logits, labels, sample_ids = logits[keep], labels[keep], sample_ids.reshape(-1)[keep]
         if not len(labels):
             return
-        self.total += torch.bincount(labels, minlength=self.total.numel()).float()
         ranked = logits.topk(min(max(self.top_k), logits.shape[1]), dim=1).indices
-        for k in self.top_k:
-            hit = (ranked[:, :k] == labels[:, None]).any(1)
-            getattr(self, f"correct_top{k}").add_(torch.bincount(labels[hit], minlength=self.total.numel()).float())
+        self.hits.append(torch.stack([(ranked[:, :k] == labels[:, None]).any(1) for k in self.top_k], dim=1))
+        self.labels.append(labels.long())
+        self.sample_ids.append(sample_ids.long())
+
+    def _counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class: images, and top-k hits (classes, len(top_k)); each image once."""
+        long = torch.zeros(0, dtype=torch.long, device=self.device)
+        _, first = first_occurrences(concatenated(self.sample_ids, long))
+        labels = concatenated(self.labels, long)[first]
+        hits = concatenated(self.hits, torch.zeros(0, len(self.top_k), dtype=torch.bool, device=self.device))[first]
+        total = torch.bincount(labels, minlength=self.num_classes).float()
+        correct = torch.zeros(self.num_classes, len(self.top_k), device=total.device).index_add_(0, labels, hits.float())
+        return total, correct
 
     def compute(self) -> dict[str, torch.Tensor]:
+        total_per_class, correct_per_class = self._counts()
         out = {}
         subsets = {"": slice(None), **{f"_{g}": torch.tensor(ix, dtype=torch.long) for g, ix in self.groups.items()}}
         for suffix, ix in subsets.items():
-            total = self.total[ix].sum().clamp(min=1)
-            for k in self.top_k:
-                out[f"top{k}{suffix}"] = getattr(self, f"correct_top{k}")[ix].sum() / total
+            total = total_per_class[ix].sum().clamp(min=1)
+            for j, k in enumerate(self.top_k):
+                out[f"top{k}{suffix}"] = correct_per_class[ix, j].sum() / total
         return out
 
-    def per_class(self) -> torch.Tensor:
-        return self.correct_top1 / self.total.clamp(min=1)
+    def per_class(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images per class and each class's accuracy at each k (classes, len(top_k))."""
+        total, correct = self._counts()
+        return total, correct / total.clamp(min=1)[:, None]

@@ -245,7 +245,7 @@ class CLIPTask(TaskModule):
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         self.retrieval[stage].update(image, batch["image_id"], text, batch["text_image_id"], batch["caption_id"], batch["text_id"])
         if self.classifier is not None and "label" in batch:
-            self.zero_shot[stage].update(image @ self.classifier.T, batch["label"])
+            self.zero_shot[stage].update(image @ self.classifier.T, batch["label"], batch["image_id"])
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images).float()

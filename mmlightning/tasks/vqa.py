@@ -106,13 +106,13 @@ class VQATask(TaskModule):
         prediction = logits.argmax(dim=-1)
         score = batch["accuracy"].gather(1, prediction[:, None]).squeeze(1)
         blind = batch["accuracy"].gather(1, batch["blind_answer"][:, None]).squeeze(1)
-        types = batch["question_type"]
-        self.metrics[f"{stage}_types"].update(score, types)
-        self.metrics[f"{stage}_blind"].update(blind, types)
+        types, ids = batch["question_type"], batch["question_id"]
+        self.metrics[f"{stage}_types"].update(score, types, ids)
+        self.metrics[f"{stage}_blind"].update(blind, types, ids)
         groups = self.type_to_group[types]
         keep = groups >= 0
-        self.metrics[f"{stage}_groups"].update(score[keep], groups[keep])
-        self.metrics[f"{stage}_blind_groups"].update(blind[keep], groups[keep])
+        self.metrics[f"{stage}_groups"].update(score[keep], groups[keep], ids[keep])
+        self.metrics[f"{stage}_blind_groups"].update(blind[keep], groups[keep], ids[keep])
         if batch_idx == 0:
             self._table_rows = [
                 [batch["image"][i], batch["question"][i], self.answers[int(prediction[i])], batch["answer"][i],
