@@ -470,6 +470,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mmlightning.data_modules.coco import load_image
     from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, image_files
     from mmlightning.data_modules.transforms import eval_transform
+    from mmlightning.fault_tolerance import load_checkpoint
 
     cfg, ckpt = config_for_checkpoint(args.recipe, args.ckpt, args.overrides, "predict")
     task = build_task(cfg, load_pretrained=False)  # the checkpoint below holds every weight
@@ -480,7 +481,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = image_files(folder)
     if not files:
         raise UserError(f"--images {str(folder)!r} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files.")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint(ckpt)["state_dict"]
     missing, unexpected = task.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "

@@ -39,6 +39,7 @@ from mmlightning.encoders.text import HFTextEncoder
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.vision import TimmEncoder
 from mmlightning.errors import UserError
+from mmlightning.fault_tolerance import load_checkpoint
 from mmlightning.hf_dual_encoder import MMLDualEncoderConfig, MMLDualEncoderModel
 
 OPEN_CLIP_POOLING = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
@@ -48,7 +49,7 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     """The task a checkpoint (or a run directory's best checkpoint) was trained as, with its
     weights: the recipe comes from the checkpoint itself."""
     path = runs.eval_checkpoint(checkpoint_or_run)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path)
     cfg = checkpoint.get("mmlightning_recipe")
     if not cfg:
         raise UserError(f"{path}: not an mmlightning checkpoint (no recipe inside).")

@@ -147,7 +147,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the checkpoint's directory, flush it to disk, then rename:
     a save killed half-way leaves the previous checkpoint whole and no partial file under the
-    checkpoint's name."""
+    checkpoint's name. Reads sharded FSDP and DeepSpeed checkpoints as well (``load_checkpoint``),
+    so a run trained sharded is tested, evaluated or fine-tuned from on one device."""
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if Path(path).is_dir():
+            return load_checkpoint(path)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
@@ -164,12 +170,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def readable_checkpoint(path: Path) -> bool:
-    """A torch checkpoint is a zip archive; truncation destroys its central directory."""
+    """A torch checkpoint file is a zip archive (truncation destroys its central directory);
+    a sharded one is a folder with its index (see ``load_checkpoint``)."""
+    if path.is_dir():
+        return sharded_checkpoint_kind(path) is not None
     try:
         with zipfile.ZipFile(path) as archive:
             return bool(archive.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+def sharded_checkpoint_kind(path: Path) -> str | None:
+    """``"fsdp"`` for Lightning's sharded FSDP layout (torch.distributed.checkpoint's
+    ``.metadata`` and shards, plus Lightning's ``meta.pt``), ``"deepspeed"`` for a DeepSpeed
+    folder (its ``latest`` tag), None otherwise."""
+    if (path / ".metadata").is_file():
+        return "fsdp"
+    if (path / "latest").is_file():
+        return "deepspeed"
+    return None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as one dictionary of CPU tensors, however it was saved: a file, a folder of
+    FSDP shards (gathered into full tensors with Lightning's own reader; the whole model must
+    fit in CPU memory) or a DeepSpeed ZeRO folder (consolidated by DeepSpeed's zero_to_fp32,
+    through Lightning's converter). Every command that reads checkpoints reads them here."""
+    path = Path(path)
+    kind = sharded_checkpoint_kind(path) if path.is_dir() else None
+    if kind == "fsdp":
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+        return _format_checkpoint(_load_distributed_checkpoint(path))
+    if kind == "deepspeed":
+        try:
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError(f"{path} is a DeepSpeed checkpoint: reading it needs the deepspeed package "
+                            "(pip install deepspeed), or consolidate it where it was trained "
+                            "(python zero_to_fp32.py, in the folder).") from None
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            single = Path(scratch) / "consolidated.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
+            return torch.load(single, map_location="cpu", weights_only=False)  # written just now, by us
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def newest_readable(candidates: list[Path]) -> Path | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmlightning.errors import UserError
-from mmlightning.fault_tolerance import newest_readable, readable_checkpoint
+from mmlightning.fault_tolerance import newest_readable, readable_checkpoint, sharded_checkpoint_kind
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "run.json"
@@ -80,9 +80,10 @@ def resume_checkpoint(run_dir: Path) -> Path:
 
 
 def eval_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
+    """A checkpoint (a file, or a folder of FSDP/DeepSpeed shards), or a run directory (its
+    best checkpoint, else its last)."""
     path = Path(path)
-    if path.is_file():
+    if path.is_file() or sharded_checkpoint_kind(path):
         if not readable_checkpoint(path):
             raise UserError(f"checkpoint {str(path)!r} cannot be read: truncated, or not a checkpoint.")
         return path
@@ -98,7 +99,8 @@ def run_dir_of(path: str | Path) -> Path | None:
     """The run directory ``path`` is, or the one a checkpoint in it belongs to
     (``runs/<run>/checkpoints/best-step=100.ckpt``); None outside a run."""
     path = Path(path)
-    for candidate in ([path.parent, path.parent.parent] if path.is_file() else [path]):
+    is_checkpoint = path.is_file() or (path.is_dir() and sharded_checkpoint_kind(path) is not None)
+    for candidate in ([path.parent, path.parent.parent] if is_checkpoint else [path]):
         if (candidate / CONFIG_FILE).is_file() and (candidate / META_FILE).is_file():
             return candidate
     return None

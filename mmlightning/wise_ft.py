@@ -17,6 +17,7 @@ import torch
 
 from mmlightning.build import build_task
 from mmlightning.errors import UserError
+from mmlightning.fault_tolerance import load_checkpoint
 from mmlightning.report_blocks import section, table
 
 
@@ -103,7 +104,7 @@ def write_checkpoint(cfg: dict[str, Any], checkpoint: Path, alpha: float) -> Pat
     """``wise-ft-<alpha>.ckpt`` beside ``checkpoint``: its recipe and Lightning metadata, the
     interpolated weights, and no optimizer state (moments of other weights would mislead)."""
     alpha = check_alphas([alpha])[0]
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = load_checkpoint(checkpoint)
     start = starting_weights(cfg)
     ours = {k: v for k, v in saved["state_dict"].items() if k in start}
     merged = interpolate(start, ours, alpha)

@@ -16,6 +16,7 @@ from torch import nn
 from mmlightning.data_modules.base import TaskData
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
+from mmlightning.fault_tolerance import load_checkpoint
 from mmlightning.optim import build_optimizer
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS
 from mmlightning.report_blocks import section, table
@@ -69,7 +70,7 @@ class TaskModule(L.LightningModule):
         error shows the spec that run used."""
         path = eval_checkpoint(source)
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_checkpoint(path)
         except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
             raise UserError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
         # a tower compiled on its own (torch.compile) or wrapped for DDP saves extra prefixes
