@@ -11,6 +11,7 @@ from mmlightning.build import build_task
 from mmlightning.cli import main
 from mmlightning.config import load_recipe, resolve
 from mmlightning.errors import UserError
+from mmlightning.encoders.tokenizers import tokenize
 
 
 def task_for(*overrides: str):
@@ -136,20 +137,32 @@ def test_compile_flag_keeps_checkpoint_keys_and_results(tmp_path: Path) -> None:
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(minilm_dir: Path) -> None:
+@pytest.mark.parametrize("towers", ["timm+hf", "open_clip"])
+def test_gradient_checkpointing_gives_the_same_gradients(towers: str, minilm_dir: Path,
+                                                         pretrained_clips: dict[str, Path]) -> None:
     import torch
 
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        task = task_for("model.vision.name=timm:vit_base_patch16_224", "model.vision.img_size=32",
-                        "model.vision.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
-                        f"model.vision.grad_checkpointing={str(checkpointing).lower()}",
-                        f"model.text.name=hf:{minilm_dir}", "model.text.pretrained=false",
-                        "model.text.config={num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 2, "
-                        "intermediate_size: 64}", f"+model.text.grad_checkpointing={str(checkpointing).lower()}")
+        flag = str(checkpointing).lower()
+        if towers == "open_clip":
+            # both towers from the source, with its projections: no fresh layer whose initial
+            # weights would depend on what the first build drew
+            overrides = [f"+model.pretrained=open_clip:local-dir:{pretrained_clips['open_clip']}",
+                         f"model.vision={{grad_checkpointing: {flag}}}", f"model.text={{grad_checkpointing: {flag}}}",
+                         "model.embed_dim=null"]
+        else:
+            overrides = ["model.vision.name=timm:vit_base_patch16_224", "model.vision.img_size=32",
+                         "model.vision.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
+                         f"model.vision.grad_checkpointing={flag}",
+                         f"model.text.name=hf:{minilm_dir}", "model.text.pretrained=false",
+                         "model.text.config={num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 2, "
+                         f"intermediate_size: 64}}", f"+model.text.grad_checkpointing={flag}"]
+        task = task_for(*overrides)
         task.train()
-        tokens = task.text.tokenizer(["a small red circle", "a large blue square"], return_tensors="pt", padding=True)
-        image = task.encode_image(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        size = task.data_spec().image_config.size
+        tokens = tokenize(task.text.tokenizer, ["a small red circle", "a large blue square"], task.text.max_length)
+        image = task.encode_image(torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)))
         text = task.encode_text(tokens["input_ids"], tokens["attention_mask"])
         task.loss_fn(image, text, task.temperature_scale()).backward()
         return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}

@@ -161,15 +161,19 @@ def image_config(model: nn.Module) -> ImageConfig:
 @VISION_ENCODERS.register("open_clip_vision:")
 class OpenCLIPVision(nn.Module):
     """``open_clip_vision:<source>``: an open_clip model's image tower with its projection
-    (ViT, ResNet or timm trunk); ``pretrained: true`` loads the source's weights (as for every tower, nothing loads unasked)."""
+    (ViT, ResNet or timm trunk); ``pretrained: true`` loads the source's weights (as for every tower, nothing loads unasked);
+    ``grad_checkpointing: true`` recomputes activations in the backward pass (open_clip's own switch)."""
 
     projected = True
 
-    def __init__(self, source: str, pretrained: bool = False, where: str = "model.vision") -> None:
+    def __init__(self, source: str, pretrained: bool = False, grad_checkpointing: bool = False,
+                 where: str = "model.vision") -> None:
         super().__init__()
         self.source, model, cfg = loaded(source, pretrained, f"{where}.name")
         self.model_config = cfg  # what export writes back as open_clip_config.json
         self.model = copy.deepcopy(model.visual)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         if hasattr(self.model, "output_tokens"):
             self.model.output_tokens = True
         self.output_dim = int(cfg["embed_dim"])
@@ -234,11 +238,13 @@ class OpenCLIPText(nn.Module):
     """``open_clip_text:<source>``: an open_clip model's text tower with its projection: CLIP's
     causal transformer pooled at the end-of-text token, or the model's custom text tower (an HF
     encoder, SigLIP's); open_clip's tokenizer and context length. ``pretrained: true``
-    loads the source's weights (as for every tower, nothing loads unasked)."""
+    loads the source's weights (as for every tower, nothing loads unasked);
+    ``grad_checkpointing: true`` as for the image tower."""
 
     projected = True
 
-    def __init__(self, source: str, pretrained: bool = False, where: str = "model.text") -> None:
+    def __init__(self, source: str, pretrained: bool = False, grad_checkpointing: bool = False,
+                 where: str = "model.text") -> None:
         super().__init__()
         import open_clip
         from open_clip.model import _build_text_tower
@@ -254,6 +260,8 @@ class OpenCLIPText(nn.Module):
             self.in_checkpoint = ""
         if hasattr(self.model, "output_tokens"):
             self.model.output_tokens = True
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         # the config's context length, as open_clip's tokenizer reads it (an HF text tower's
         # model.context_length is its position limit, e.g. 512)
         self.max_length = int(cfg["text_cfg"].get("context_length") or model.context_length)
