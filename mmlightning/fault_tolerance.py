@@ -342,11 +342,15 @@ def global_grad_norm(params: list[torch.Tensor], sharded: bool = False) -> torch
     ``sharded`` each rank holds a disjoint part of them (FSDP): the squares are summed over
     ranks."""
     grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]  # FSDP2's DTensors
-    norms = torch._foreach_norm(grads)
-    squares = torch.stack([n.float() ** 2 for n in norms]).sum()
+    norms = torch._foreach_norm(grads)  # one kernel per device and dtype, not one per tensor
+    if len({(n.dtype, n.device) for n in norms}) > 1:
+        norms = [n.float().to(norms[0].device) for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms).float())
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        squares = total.square()
         torch.distributed.all_reduce(squares)
-    return squares.sqrt()
+        total = squares.sqrt()
+    return total
 
 
 def _shards_gradients(trainer: L.Trainer) -> bool:

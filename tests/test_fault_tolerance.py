@@ -375,3 +375,29 @@ def test_interrupted_ddp_run_resumes_exactly_on_both_ranks(tmp_path: Path, fixtu
                                 weights_only=True)["state_dict"] for name in ("straight", "cut")}
     for key, value in weights["straight"].items():
         assert torch.equal(value, weights["cut"][key]), key
+
+
+@pytest.mark.slow
+def test_signal_mid_accumulation_waits_for_the_optimizer_step(tmp_path: Path) -> None:
+    """With trainer.accumulate_grad_batches=2, a SIGTERM after the 5th batch (half-way
+    through the 3rd step's window) saves at the end of that window, not mid-way: the
+    checkpoint holds no half-accumulated gradients, and the resumed run ends with the
+    uninterrupted run's weights."""
+    from tiny import SHAPES_VQA
+
+    (tmp_path / "signalling.py").write_text(SIGNALLING_CNN)
+    args = ["fit", "vqa-shapes", *SHAPES_VQA, "trainer.accumulate_grad_batches=2", "logger.name=none",
+            "imports=[signalling.py]", "model.vision.name=signalling_cnn", "trainer.precision=32-true"]
+    straight = mml(tmp_path, *args, "run.name=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = mml(tmp_path, *args, "run.name=cut", signal_at=5)
+    assert cut.returncode == 143, cut.stderr[-3000:]
+    run = tmp_path / "runs" / "cut"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3 and saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 6
+    resumed = mml(tmp_path, "fit", "vqa-shapes", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    weights = {name: torch.load(tmp_path / "runs" / name / "checkpoints" / "last.ckpt", map_location="cpu",
+                                weights_only=True)["state_dict"] for name in ("straight", "cut")}
+    for key, value in weights["straight"].items():
+        assert torch.equal(value, weights["cut"][key]), key

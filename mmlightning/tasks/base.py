@@ -140,6 +140,18 @@ class TaskModule(L.LightningModule):
             trainer_kwargs = {**trainer_kwargs, "strategy": "ddp_find_unused_parameters_true"}
         return trainer_kwargs
 
+    @property
+    def mid_accumulation(self) -> bool:
+        """Some batches' gradients wait for the optimizer step (``trainer.accumulate_grad_batches``):
+        a checkpoint now would lose them, so StopOnSignal waits for the step. Read at the end of
+        a training batch."""
+        trainer = self.trainer
+        every = trainer.accumulate_grad_batches
+        if every <= 1:
+            return False
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches begun this epoch
+        return done % every != 0 and done < trainer.num_training_batches  # the epoch's last batch steps
+
     def optimizer_steps_per_epoch(self, batches: int) -> int:
         """Optimizer steps in an epoch of ``batches`` training batches on this rank."""
         return math.ceil(batches / self.trainer.accumulate_grad_batches)

@@ -133,7 +133,7 @@ class CLIPTask(TaskModule):
     @property
     def mid_accumulation(self) -> bool:
         """Batches wait in the cache: a checkpoint now would lose them (StopOnSignal waits)."""
-        return bool(self._cached)
+        return bool(self._cached)  # Lightning's own accumulation is refused for this task
 
     def accumulating_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Contrastive accumulation that keeps the negatives (open_clip's ``--accum-freq``,
