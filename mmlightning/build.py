@@ -70,6 +70,7 @@ def build_task(cfg: dict[str, Any], load_pretrained: bool = True):
     # the data section's names and loader numbers fail now, not after the towers have loaded
     DATA_MODULES.check(cfg["data"], "data")
     TaskData.check_loader_options(cfg["data"])
+    nonfinite_guard(cfg)  # run.on_nonfinite and the clipping settings, likewise
     model = dict(cfg.get("model") or {})
     if not load_pretrained and model.get("init_from"):
         model["init_from"] = None
@@ -281,6 +282,20 @@ class EpochMetrics(L.Callback):
                   + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
 
 
+def _deepspeed(cfg: dict[str, Any]) -> bool:
+    return str((cfg.get("trainer") or {}).get("strategy", "auto")).startswith("deepspeed")
+
+
+def nonfinite_guard(cfg: dict[str, Any]) -> NonFiniteGuard:
+    """The recipe's ``run.on_nonfinite`` and gradient clipping (``trainer.gradient_clip_val``,
+    ``trainer.gradient_clip_algorithm``), which the guard does with the norm it computes
+    anyway; under DeepSpeed, DeepSpeed's engine clips instead."""
+    trainer = cfg.get("trainer") or {}
+    clipping = {} if _deepspeed(cfg) else {"clip_value": trainer.get("gradient_clip_val"),
+                                           "clip_algorithm": trainer.get("gradient_clip_algorithm")}
+    return NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop", **clipping)
+
+
 def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | None = None,
                   enable_checkpointing: bool = True, task: Any = None, datamodule: Any = None) -> L.Trainer:
     """``datamodule.callbacks()``, where a data module has one, joins the Trainer's callbacks
@@ -294,12 +309,11 @@ def build_trainer(cfg: dict[str, Any], run_dir: Path | None, wandb_id: str | Non
     trainer_kwargs.setdefault("enable_model_summary", False)  # FitHeader says it in one line
     every = trainer_kwargs.get("log_every_n_steps") or 50
     progress = ProgressBar(every) if sys.stdout.isatty() else PlainProgress(every)
-    clipping: dict[str, Any] = {}
-    if not str(trainer_kwargs.get("strategy", "auto")).startswith("deepspeed"):  # DeepSpeed clips in its engine
-        clipping = {"clip_value": trainer_kwargs.pop("gradient_clip_val", None),
-                    "clip_algorithm": trainer_kwargs.pop("gradient_clip_algorithm", None)}
-    callbacks: list[Any] = [FitHeader(), progress, EpochMetrics(), CarryRNGState(),
-                            NonFiniteGuard((cfg.get("run") or {}).get("on_nonfinite") or "stop", **clipping)]
+    guard = nonfinite_guard(cfg)
+    if not _deepspeed(cfg):  # the guard clips: Lightning must not as well
+        trainer_kwargs.pop("gradient_clip_val", None)
+        trainer_kwargs.pop("gradient_clip_algorithm", None)
+    callbacks: list[Any] = [FitHeader(), progress, EpochMetrics(), CarryRNGState(), guard]
     if isinstance(datamodule, TaskData):
         callbacks += datamodule.callbacks()
     plugins: list[Any] = []
