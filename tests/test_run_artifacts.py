@@ -1,5 +1,6 @@
 """A run is an artifact: every command reads the run's own config, the CSV log survives resume,
-and mistakes are caught before anything is created. Commands run as real `mml` processes."""
+and mistakes are caught before anything is created. Fits run as real `mml` processes; the
+commands that read a run go through main() in this process."""
 
 from __future__ import annotations
 
@@ -29,13 +30,26 @@ def mml(cwd: Path, *args: str, code: int = 0) -> str:
     return out.stdout + out.stderr
 
 
+def mml_here(capsys: pytest.CaptureFixture, *args: str, code: int = 0) -> str:
+    """The same command through main() in this process (cwd set by the caller): no ~10 s of
+    imports per command. The fits stay real processes, for what a terminal shows."""
+    from mmlightning.cli import main
+
+    assert main(list(args)) == code
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return out.out + out.err
+
+
 def metric_steps(run_dir: Path) -> list[int]:
     with open(run_dir / "csv" / "metrics.csv", newline="") as file:
         return sorted({int(row["step"]) for row in csv.DictReader(file) if row.get("train/loss")})
 
 
 @pytest.mark.slow
-def test_a_new_user_comes_back_to_a_run_by_its_directory_alone(tmp_path: Path, minilm_dir: Path) -> None:
+def test_a_new_user_comes_back_to_a_run_by_its_directory_alone(tmp_path: Path, minilm_dir: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Train with two overrides the packaged recipe does not have (towers open_clip can hold),
     then test, eval, predict and export from the run directory alone; resume keeps the log,
     and a finished run is left alone."""
@@ -45,21 +59,23 @@ def test_a_new_user_comes_back_to_a_run_by_its_directory_alone(tmp_path: Path, m
                  *tiny_hf_text(minilm_dir), "run.name=mine", "logger.name=csv")
     # stdout is a pipe here, as in a log file: plain progress lines, and validation metrics per epoch
     assert "epoch 1/1 batch" in fitted and "samples/s" in fitted and "validation, epoch 1: i2t_R@1" in fitted
-    tested = mml(tmp_path, "test", run)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    tested = mml_here(capsys, "test", run)
     assert "test/i2t_R@1" in tested
     # the packaged recipe builds another model: a recipe given with the run must match it
-    refused = mml(tmp_path, "test", "clip-shapes", "--ckpt", run, code=2)
+    refused = mml_here(capsys, "test", "clip-shapes", "--ckpt", run, code=2)
     assert "was built otherwise than recipe 'clip-shapes' (model.text." in refused and f"mml test {run}" in refused
-    assert "Retrieval" in mml(tmp_path, "eval", run, "--shots", "1", "--seeds", "1")
+    assert "Retrieval" in mml_here(capsys, "eval", run, "--shots", "1", "--seeds", "1")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (64, 64), (200, 20, 20)).save(tmp_path / "images" / "red.png")
-    predicted = mml(tmp_path, "predict", run, "--images", "images")
+    predicted = mml_here(capsys, "predict", run, "--images", "images")
     assert predicted.startswith("red.png\t") or "\nred.png\t" in predicted
-    assert "wrote" in mml(tmp_path, "export", run, "--format", "open_clip", "--out", "exported")
-    assert "not an empty folder" in mml(tmp_path, "export", run, "--format", "hf", "--out", "exported", code=2)
+    assert "wrote" in mml_here(capsys, "export", run, "--format", "open_clip", "--out", "exported")
+    assert "not an empty folder" in mml_here(capsys, "export", run, "--format", "hf", "--out", "exported", code=2)
 
     first = metric_steps(tmp_path / run)
-    assert "finished already" in mml(tmp_path, "fit", "clip-shapes", "--resume", run)
+    assert "finished already" in mml_here(capsys, "fit", "clip-shapes", "--resume", run)
     assert metric_steps(tmp_path / run) == first  # nothing trained again
     mml(tmp_path, "fit", "clip-shapes", "--resume", run, "trainer.max_epochs=2")
     steps = metric_steps(tmp_path / run)
