@@ -292,9 +292,14 @@ class NonFiniteGuard(L.Callback):
         optimizer.__dict__.pop("found_inf", None)  # never a stale verdict from an earlier step
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # 16-mixed: overflowing gradients are routine there, and its GradScaler skips those steps
-        checks = self.mode != "allow" and getattr(trainer.precision_plugin, "scaler", None) is None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        checks = self.mode != "allow" and scaler is None
         if not params or not (checks or self.clip_value):
             return
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves a fused optimizer's gradients scaled (its kernel unscales); clip
+            # the true ones, as open_clip does: the scaler's step then passes no scale to the kernel
+            scaler.unscale_(optimizer)
         if self.clip_value and self.clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, self.clip_value, foreach=True)
         norm = global_grad_norm(params, sharded=_shards_gradients(trainer))

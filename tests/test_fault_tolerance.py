@@ -401,3 +401,38 @@ def test_signal_mid_accumulation_waits_for_the_optimizer_step(tmp_path: Path) ->
                                 weights_only=True)["state_dict"] for name in ("straight", "cut")}
     for key, value in weights["straight"].items():
         assert torch.equal(value, weights["cut"][key]), key
+
+
+def test_clipping_under_a_grad_scaler_clips_the_unscaled_gradients() -> None:
+    """16-mixed with a fused optimizer: Lightning leaves the gradients scaled (the kernel
+    unscales them), so the guard unscales before clipping, as open_clip does; the result
+    equals the hand-written GradScaler loop (unscale_, clip_grad_norm_, step, update)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from mmlightning.fault_tolerance import NonFiniteGuard
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 8) for _ in range(4)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(data)), batch_size=16)
+    model = NaNAtStep(nan_step=-1, fused=True)
+    reference = torch.nn.Linear(8, 4)
+    reference.load_state_dict(model.layer.state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", callbacks=[NonFiniteGuard("stop", clip_value=0.5)],
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, loader)
+
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05, weight_decay=0.1, fused=True)
+    reference_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for x in data:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = reference(x).pow(2).mean() * 50
+        reference_scaler.scale(loss).backward()
+        reference_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        reference_scaler.step(optimizer)
+        reference_scaler.update()
+    for ours, theirs in zip(model.layer.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
