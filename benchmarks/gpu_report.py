@@ -36,7 +36,6 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,14 +43,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning as L  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
-from harness import StepTimer, isolated, machine_line, median_after, peak_memory_mib  # noqa: E402
+from harness import (  # noqa: E402
+    OPEN_CLIP_PRECISIONS, StepTimer, TimedBatches, hand_written_step, isolated, machine_line, median_after,
+    open_clip_optimizer, open_clip_train_epoch, peak_memory_mib)
 
 from mmlightning.build import build_task, build_trainer  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
 from mmlightning.registry import OPTIMIZERS, SCHEDULERS  # noqa: E402
 
 VARIANTS = ("plain", "compile", "checkpointing")
-PRECISIONS = {"32-true": "fp32", "bf16-mixed": "amp_bf16"}  # Lightning name -> open_clip_train name
 DENSE_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
                      "H100 PCIe": 756.0, "A100": 312.0, "L40S": 362.0}
 EOT = 49407  # CLIP's BPE end-of-text token: open_clip's text tower pools there (the highest id)
@@ -143,50 +143,20 @@ def mmlightning_run(arch: str, variant: str, batch_size: int, steps: int, warmup
     return {"step": median_after(timer.intervals, warmup), "memory": peak_memory_mib(device), "flops": flops}
 
 
-class TimedBatches:
-    """The batches as open_clip's data pipeline hands them over, (images, token ids), with the
-    time each reaches the loop (as the Lightning side's StepTimer takes it)."""
-
-    def __init__(self, batches: torch.utils.data.DataLoader, batch_size: int) -> None:
-        self.batches, self.num_batches = batches, len(batches)
-        self.num_samples = self.num_batches * batch_size
-        self.starts: list[float] = []
-
-    def __iter__(self):
-        for batch in self.batches:
-            self.starts.append(time.perf_counter())
-            yield batch["image"], batch["input_ids"]
-
-
 def open_clip_run(arch: str, variant: str, batch_size: int, steps: int, warmup: int, device: str,
                   precision: str) -> dict[str, float]:
-    from open_clip_train.scheduler import cosine_lr
-    from open_clip_train.train import train_one_epoch
     cfg = recipe(arch, "plain", device, precision, steps)
     torch.manual_seed(0)
     model = open_clip.create_model(arch, device=device, output_dict=True)
     if variant == "checkpointing":
         model.set_grad_checkpointing(True)
-    # open_clip_train/main.py's split: no weight decay on gains, biases and the temperature
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
-                or "logit_scale" in n]
-    decay = [p for n, p in model.named_parameters() if not any(p is q for q in no_decay)]
-    opt = cfg["optimizer"]
-    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                                   {"params": decay, "weight_decay": opt["weight_decay"]}],
-                                  lr=opt["lr"], betas=tuple(opt.get("betas", (0.9, 0.999))), eps=opt.get("eps", 1e-8))
+    optimizer = open_clip_optimizer(model, cfg["optimizer"])
     if variant == "compile":
         model = torch.compile(model)  # as open_clip_train/main.py does with --torchcompile
-    scheduler = cosine_lr(optimizer, opt["lr"], cfg["scheduler"].get("warmup_steps", 0), steps)
-    batches = TimedBatches(loader(arch, batch_size, steps, device), batch_size)
-    data = {"train": SimpleNamespace(dataloader=batches, set_epoch=lambda epoch: None)}
-    args = SimpleNamespace(device=device, precision=PRECISIONS[precision], distill=False, accum_freq=1,
-                           skip_scheduler=False, horovod=False, grad_clip_norm=None, batch_size=batch_size,
-                           world_size=1, rank=0, local_rank=0, log_every_n_steps=cfg["trainer"]["log_every_n_steps"],
-                           wandb=False)
+    batches = TimedBatches(loader(arch, batch_size, steps, device), steps, batch_size)
     reset_peak(device)
-    train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None, args)
-    intervals = [b - a for a, b in zip(batches.starts, batches.starts[1:])]
+    open_clip_train_epoch(model, optimizer, batches, cfg, device, precision, batch_size)
+    intervals = batches.intervals
     return {"step": median_after(intervals, warmup), "memory": peak_memory_mib(device)}
 
 
@@ -202,15 +172,7 @@ def hand_written_run(arch: str, batch_size: int, steps: int, warmup: int, device
     starts = []
     for batch in loader(arch, batch_size, steps, device):
         starts.append(time.perf_counter())
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            image = task.encode_image(batch["image"])
-            text = task.encode_text(batch["input_ids"], batch["attention_mask"])
-            loss = task.loss_fn(image, text, task.temperature_scale(), caption_ids=batch["caption_id"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        hand_written_step(task, optimizer, schedule, batch, device, precision)
     return median_after([b - a for a, b in zip(starts, starts[1:])], warmup)
 
 
@@ -271,7 +233,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16-mixed")
+    parser.add_argument("--precision", choices=sorted(OPEN_CLIP_PRECISIONS), default="bf16-mixed")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: looked up by name)")
     parser.add_argument("--tiny", action="store_true", help=f"the CPU-sized {TINY_ARCH} only, few steps (tests)")
     args = parser.parse_args()

@@ -29,7 +29,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from harness import StepTimer, interleaved, machine_line, median_after, peak_memory_mib  # noqa: E402
+from harness import (  # noqa: E402
+    StepTimer, hand_written_step, interleaved, machine_line, median_after, peak_memory_mib)
 
 from mmlightning.build import build_datamodule, build_task, build_trainer  # noqa: E402
 from mmlightning.config import load_recipe, resolve  # noqa: E402
@@ -85,15 +86,7 @@ def plain_step_times(config: str, steps: int, warmup: int, device: str, precisio
     while step < steps:
         for batch in datamodule.train_dataloader():
             starts.append(time.perf_counter())
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                image = task.encode_image(batch["image"])
-                text = task.encode_text(batch["input_ids"], batch["attention_mask"])
-                loss = task.loss_fn(image, text, task.temperature_scale(), caption_ids=batch["caption_id"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            hand_written_step(task, optimizer, schedule, batch, device, precision)
             step += 1
             if step >= steps:
                 break

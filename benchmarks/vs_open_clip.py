@@ -22,16 +22,16 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-from harness import StepTimer, interleaved, machine_line, median_after, peak_rss_mib  # noqa: E402
+from harness import (  # noqa: E402
+    OPEN_CLIP_PRECISIONS, StepTimer, TimedBatches, interleaved, machine_line, median_after, open_clip_optimizer,
+    open_clip_train_epoch, peak_rss_mib)
 from timm.models import register_model  # noqa: E402
 
 from mmlightning.build import build_datamodule, build_task  # noqa: E402
@@ -39,7 +39,6 @@ from mmlightning.config import load_recipe, resolve  # noqa: E402
 
 EMBED_DIM = 256
 IMAGE_SIZE = 64
-PRECISIONS = {"32-true": "fp32", "bf16-mixed": "amp_bf16"}  # Lightning name -> open_clip_train name
 
 
 @register_model
@@ -85,27 +84,8 @@ def mmlightning_step(batch_size: int, steps: int, warmup: int, precision: str) -
     return median_after(timer.intervals, warmup), peak_rss_mib()
 
 
-class TimedLoader:
-    """The shapes batches as open_clip's data pipeline hands them over: (images, token ids),
-    stamping the time each batch reaches the loop (as the Lightning side's StepTimer does)."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, steps: int) -> None:
-        self.loader, self.num_batches = loader, steps
-        self.num_samples = steps * loader.batch_size
-        self.starts: list[float] = []
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.num_batches:
-                return
-            self.starts.append(time.perf_counter())
-            yield batch["image"], batch["input_ids"]
-
-
 def open_clip_step(batch_size: int, steps: int, warmup: int, precision: str) -> Measurement:
     import open_clip
-    from open_clip_train.scheduler import cosine_lr
-    from open_clip_train.train import train_one_epoch
 
     cfg, _, datamodule = shared_batches(batch_size, steps, precision)
     model_cfg = {
@@ -120,28 +100,15 @@ def open_clip_step(batch_size: int, steps: int, warmup: int, precision: str) -> 
         open_clip.add_model_config(tmp)
         torch.manual_seed(0)
         model = open_clip.create_model("mmlightning-bench", pretrained_text=False, output_dict=True)
-    # open_clip_train/main.py's split: no weight decay on gains, biases and the temperature
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n
-                or "logit_scale" in n]
-    decay = [p for n, p in model.named_parameters() if not any(p is q for q in no_decay)]
-    opt = cfg["optimizer"]
-    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                                   {"params": decay, "weight_decay": opt["weight_decay"]}],
-                                  lr=opt["lr"], betas=tuple(opt.get("betas", (0.9, 0.999))), eps=opt.get("eps", 1e-8))
-    scheduler = cosine_lr(optimizer, opt["lr"], cfg["scheduler"].get("warmup_steps", 0), steps)
-    loader = TimedLoader(datamodule.train_dataloader(), steps)
-    data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda epoch: None)}
-    args = SimpleNamespace(device="cpu", precision=PRECISIONS[precision], distill=False, accum_freq=1,
-                           skip_scheduler=False, horovod=False, grad_clip_norm=None, batch_size=batch_size,
-                           world_size=1, rank=0, local_rank=0, log_every_n_steps=cfg["trainer"]["log_every_n_steps"],
-                           wandb=False)
-    train_one_epoch(model, data, open_clip.ClipLoss(), 0, optimizer, None, scheduler, None, args)
-    return median_after([b - a for a, b in zip(loader.starts, loader.starts[1:])], warmup), peak_rss_mib()
+    optimizer = open_clip_optimizer(model, cfg["optimizer"])
+    batches = TimedBatches(datamodule.train_dataloader(), steps, batch_size)
+    open_clip_train_epoch(model, optimizer, batches, cfg, "cpu", precision, batch_size)
+    return median_after(batches.intervals, warmup), peak_rss_mib()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="32-true")
+    parser.add_argument("--precision", choices=sorted(OPEN_CLIP_PRECISIONS), default="32-true")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
