@@ -30,6 +30,7 @@ from mmlightning.registry import DATA_MODULES, TASKS, check_kwargs
 def import_components(imports: list[str] | None = None) -> None:
     """Import the built-in components and the user's modules (``imports:`` in the recipe,
     module names or paths to .py files), whose decorators register new names."""
+    import mmlightning.data_modules.classification  # noqa: F401
     import mmlightning.data_modules.coco  # noqa: F401
     import mmlightning.data_modules.coco_karpathy  # noqa: F401
     import mmlightning.data_modules.shapes  # noqa: F401
@@ -39,6 +40,7 @@ def import_components(imports: list[str] | None = None) -> None:
     import mmlightning.fusion  # noqa: F401
     import mmlightning.losses  # noqa: F401
     import mmlightning.optim  # noqa: F401
+    import mmlightning.prompts  # noqa: F401
     import mmlightning.tasks  # noqa: F401
 
 

@@ -29,7 +29,7 @@ from mmlightning.data_modules.base import LabelledImages
 from mmlightning.data_modules.common import already_batched
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.loggers import wandb_mode
-from mmlightning.metrics import ZeroShotAccuracy
+from mmlightning.metrics import TopKAccuracy
 from mmlightning.metrics.linear_probe import linear_probe
 from mmlightning.report_blocks import section, table
 
@@ -64,7 +64,7 @@ def classification_sections(task: Any, data: LabelledImages, shots: tuple[int, .
             warnings.warn(f"zero-shot on {data.name}: the text tower's tokenizer cannot spell {len(unknown)} of "
                           f"{n_classes} class names ({', '.join(unknown[:5])}): they become unknown tokens, and "
                           f"the score says little.", stacklevel=2)
-        metric = ZeroShotAccuracy(n_classes, classes.groups, sync_on_compute=False)  # one process computes the report
+        metric = TopKAccuracy(n_classes, classes.groups, sync_on_compute=False)  # one process computes the report
         metric.update(test_x @ task.zero_shot_classifier(classes).float().cpu().T, test_y, torch.arange(len(test_y)))
         scores = {k: float(v) for k, v in metric.compute().items()}
         images, accuracy = metric.per_class()  # columns: top-1, top-5

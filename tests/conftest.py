@@ -173,10 +173,27 @@ def vqav2_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fixtures(coco_fixture: Path, karpathy_fixture: Path, vqav2_fixture: Path, shards_fixture: Path,
-             minilm_dir: Path, pretrained_clips: dict[str, Path]) -> dict[str, Path]:
+             minilm_dir: Path, pretrained_clips: dict[str, Path], clip_checkpoint: Path) -> dict[str, Path]:
     """Every generated dataset and local model, by the names tests/tiny.py uses."""
     return {"coco": coco_fixture, "karpathy": karpathy_fixture, "vqav2": vqav2_fixture, "shards": shards_fixture,
-            "minilm": minilm_dir, **pretrained_clips}
+            "minilm": minilm_dir, **pretrained_clips, "clip_ckpt": clip_checkpoint}
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of a small clip-shapes model (fresh weights, as a run saves it: state dict and
+    recipe), for the tasks that build on a CLIP run (classify, prompt_learning)."""
+    import torch
+
+    from mmlightning import config as C
+    from mmlightning.build import build_task
+
+    cfg = C.resolve(C.load_recipe("clip-shapes", ["model.vision.width=8", "model.text.width=32", "model.embed_dim=32"]))
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    path = tmp_path_factory.mktemp("clip_run") / "clip.ckpt"
+    torch.save({"state_dict": task.state_dict(), "mmlightning_recipe": cfg}, path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
+from mmlightning.metrics import RetrievalRecall, TopKAccuracy
 
 
 def hand_made(metric: RetrievalRecall, pad: bool = False) -> dict[str, float]:
@@ -54,7 +54,7 @@ def test_recall_matches_brute_force() -> None:
 
 
 def test_zero_shot_accuracy_groups() -> None:
-    metric = ZeroShotAccuracy(num_classes=3, groups={"heldout": [2]}, top_k=(1, 2))
+    metric = TopKAccuracy(num_classes=3, groups={"heldout": [2]}, top_k=(1, 2))
     logits = torch.tensor([[3.0, 2, 1], [1, 3, 2], [1, 3, 2], [0, 0, 0]])
     metric.update(logits, torch.tensor([0, 1, 2, -1]), torch.arange(4))  # -1: not a single-class image, ignored
     metric.update(logits[2:3], torch.tensor([2]), torch.tensor([2]))  # a sampler's repeat of image 2: counted once
@@ -68,12 +68,12 @@ def _padded_eval_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
-    from mmlightning.metrics import VQAAccuracy, ZeroShotAccuracy
+    from mmlightning.metrics import VQAAccuracy, TopKAccuracy
 
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     scores, groups, logits, labels = _eval_split()
     share = list(DistributedSampler(range(len(scores)), num_replicas=world, rank=rank, shuffle=False))
-    vqa, zero_shot = VQAAccuracy(["a", "b"]), ZeroShotAccuracy(3, top_k=(1, 2))
+    vqa, zero_shot = VQAAccuracy(["a", "b"]), TopKAccuracy(3, top_k=(1, 2))
     ids = torch.tensor(share)
     vqa.update(scores[ids], groups[ids], ids)
     zero_shot.update(logits[ids], labels[ids], ids)
@@ -103,7 +103,7 @@ def test_metrics_count_the_distributed_samplers_repeats_once(tmp_path: Path) -> 
         port = s.getsockname()[1]
     mp.start_processes(_padded_eval_worker, args=(3, port, str(tmp_path / "m")), nprocs=3, start_method="spawn")
     scores, groups, logits, labels = _eval_split()
-    vqa, zero_shot = VQAAccuracy(["a", "b"]), ZeroShotAccuracy(3, top_k=(1, 2))
+    vqa, zero_shot = VQAAccuracy(["a", "b"]), TopKAccuracy(3, top_k=(1, 2))
     vqa.update(scores, groups, torch.arange(7))
     zero_shot.update(logits, labels, torch.arange(7))
     expected = {k: float(v) for k, v in {**vqa.compute(), **zero_shot.compute()}.items()}

@@ -13,6 +13,9 @@ SHAPES_CLIP = [
     "data.num_train=256", "data.num_val=48", "data.num_test=48", "data.batch_size=32", "data.eval_batch_size=32",
     "trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2",
 ]
+# classification data (digits, shapes objects): the test split stays whole-sized where it is fixed
+CLASSIFY = ["data.batch_size=32", "data.eval_batch_size=64", "trainer.max_epochs=1", "trainer.log_every_n_steps=2",
+            "scheduler.warmup_steps=2", "trainer.limit_train_batches=3"]
 SHAPES_VQA = [*SHAPES_CLIP, "data.num_train=96"]  # about 5 questions per image
 SHAPES_CAPTION = [*SHAPES_CLIP, "data.num_train=128", "model.generation.max_new_tokens=8", "model.generation.num_beams=2"]
 TINY_STEPS = ["trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2", "data.num_workers=0"]
@@ -82,6 +85,10 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
         # tiny pretrained-format models, as open_clip and transformers save them (tests/clip_sources.py)
         "clip-finetune-shapes": lambda: [*SHAPES_CLIP, f"model.pretrained=open_clip:local-dir:{fx['open_clip']}"],
         "clip-finetune-coco": lambda: [f"model.pretrained=hf:{fx['hf_clip']}", *coco_data(fx["coco"])],
+        "classify-digits": lambda: [*CLASSIFY, "model.vision.img_size=32"],  # the real packaged weights
+        "classify-shapes": lambda: [*CLASSIFY, f"model.clip={fx['clip_ckpt']}", "data.num_train=96"],
+        "coop-digits": lambda: [*CLASSIFY, f"model.clip={fx['clip_ckpt']}", "data.shots=4", "data.train_repeats=1"],
+        "coop-shapes": lambda: [*CLASSIFY, f"model.clip={fx['clip_ckpt']}", "data.shots=2", "data.train_repeats=1"],
     }
     return table[recipe]()
 
@@ -91,4 +98,6 @@ LOGGED = {
     "clip": ({"train/loss", "val/mean_recall", "test/i2t_R@1"}, "test/i2t_R@1"),
     "vqa": ({"train/loss", "val/acc", "test/acc", "test/blind_acc"}, "test/acc"),
     "caption": ({"train/loss", "val/CIDEr-D", "test/BLEU-4", "test/exact_match"}, "test/CIDEr-D"),
+    "classify": ({"train/loss", "val/top1", "test/top1", "test/top5"}, "test/top1"),
+    "prompt_learning": ({"train/loss", "val/top1", "test/top1"}, "test/top1"),
 }

@@ -157,6 +157,9 @@ class HFCLIPText(nn.Module):
             pooled = out.text_embeds
         return TextOutput(pooled=pooled, tokens=out.last_hidden_state, mask=attention_mask.bool())
 
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
 
 @PRETRAINED_CLIPS.register("hf:")
 class HFCLIPPretrained:

@@ -280,6 +280,12 @@ class OpenCLIPText(nn.Module):
             torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TextOutput(pooled=pooled, tokens=tokens, mask=mask)
 
+    def input_embeddings(self) -> nn.Module:
+        """CLIP's ``token_embedding``, or the HF encoder's word embeddings inside a custom tower."""
+        if hasattr(self.model, "token_embedding"):
+            return self.model.token_embedding
+        return self.model.transformer.get_input_embeddings()
+
 
 @PRETRAINED_CLIPS.register("open_clip:")
 class OpenCLIPPretrained:

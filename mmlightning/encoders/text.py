@@ -6,7 +6,9 @@ Each returns ``TextOutput(pooled, tokens, mask)`` and carries ``tokenizer`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,30 @@ def pool(tokens: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
         m = mask.unsqueeze(-1).to(tokens.dtype)
         return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
     raise UserError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+@contextlib.contextmanager
+def token_embeddings_replaced(tower: nn.Module, embeddings: torch.Tensor) -> Iterator[None]:
+    """Within the block the tower's token-embedding lookup returns ``embeddings`` (B, T, C)
+    instead of looking up the ids it is given: prompt learning (CoOp) feeds learned vectors
+    in place of words, and everything after the lookup (positions, attention, pooling at the
+    end-of-text id) runs as for real tokens. Every text tower says where its lookup is
+    (``input_embeddings()``)."""
+    if not hasattr(tower, "input_embeddings"):
+        raise UserError(f"text tower {type(tower).__name__} cannot take prompt embeddings: it has no "
+                        f"input_embeddings() (its token-embedding layer).")
+
+    def replace(module: nn.Module, args: tuple[Any, ...], looked_up: torch.Tensor) -> torch.Tensor:
+        if looked_up.shape[:2] != embeddings.shape[:2]:
+            raise ValueError(f"prompt embeddings {tuple(embeddings.shape)} do not match the token ids "
+                             f"{tuple(looked_up.shape[:2])}")
+        return embeddings.to(looked_up.dtype)
+
+    handle = tower.input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @TEXT_ENCODERS.register("small_transformer")
@@ -54,6 +80,9 @@ class SmallTextTransformer(nn.Module):
         x = self.embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]
         x = self.norm(self.transformer(x, src_key_padding_mask=~mask))
         return TextOutput(pooled=pool(x, mask, self.pooling), tokens=x, mask=mask)
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed
 
 
 @TEXT_ENCODERS.register("hf:")
@@ -117,3 +146,6 @@ class HFTextEncoder(nn.Module):
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.bool()
         return TextOutput(pooled=pool(tokens, mask, self.pooling), tokens=tokens, mask=mask)
+
+    def input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()

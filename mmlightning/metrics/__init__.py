@@ -4,6 +4,6 @@ themselves; ``CaptionMetrics`` holds strings and gathers them with ``all_gather_
 from mmlightning.metrics.captioning import CaptionMetrics, caption_scores
 from mmlightning.metrics.retrieval import RetrievalRecall
 from mmlightning.metrics.vqa import VQAAccuracy
-from mmlightning.metrics.zero_shot import ZeroShotAccuracy
+from mmlightning.metrics.classification import TopKAccuracy
 
-__all__ = ["CaptionMetrics", "caption_scores", "RetrievalRecall", "VQAAccuracy", "ZeroShotAccuracy"]
+__all__ = ["CaptionMetrics", "caption_scores", "RetrievalRecall", "VQAAccuracy", "TopKAccuracy"]

@@ -36,6 +36,19 @@ class DataSpec:
         return {"tokenizer": self.tokenizer, "max_length": self.max_length, "image_config": self.image_config}
 
 
+def read_run_checkpoint(source: str | Path, key: str) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """A run directory (its best checkpoint) or checkpoint file: its path, the checkpoint and
+    its state dict with the prefixes that torch.compile and DDP wrappers add removed."""
+    path = eval_checkpoint(source)
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
+        raise UserError(f"{key}: cannot read checkpoint {path}: {err}") from None
+    state = {k.replace("_orig_mod.", "").replace("module.", "", 1) if k.startswith("module.") else
+             k.replace("_orig_mod.", ""): v for k, v in ckpt.get("state_dict", {}).items()}
+    return path, ckpt, state
+
+
 class TaskModule(L.LightningModule):
     leaves_parameters_unused = False  # True: some parameters may get no gradient in a step (DDP must know)
     epoch_line_metrics: tuple[str, ...] = ()  # validation metrics printed after each epoch (empty: all)
@@ -68,14 +81,7 @@ class TaskModule(L.LightningModule):
         """Copy pretrained towers (e.g. ``{"vision": self.vision}``) from a checkpoint file or
         run directory of another task. The towers must be built as in that run; if not, the
         error shows the spec that run used."""
-        path = eval_checkpoint(source)
-        try:
-            ckpt = load_checkpoint(path)
-        except Exception as err:  # noqa: BLE001  (any unreadable file gets the same message)
-            raise UserError(f"model.init_from: cannot read checkpoint {path}: {err}") from None
-        # a tower compiled on its own (torch.compile) or wrapped for DDP saves extra prefixes
-        state = {k.replace("_orig_mod.", "").replace("module.", "", 1) if k.startswith("module.") else
-                 k.replace("_orig_mod.", ""): v for k, v in ckpt.get("state_dict", {}).items()}
+        path, ckpt, state = read_run_checkpoint(source, "model.init_from")
         source_model = (ckpt.get("mmlightning_recipe") or {}).get("model") or {}
         for name, tower in towers.items():
             prefix = f"{name}."

@@ -18,10 +18,10 @@ from mmlightning.data_modules.base import TaskData, ZeroShotSpec
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
-from mmlightning.metrics import RetrievalRecall, ZeroShotAccuracy
+from mmlightning.metrics import RetrievalRecall, TopKAccuracy
 from mmlightning.registry import LOSSES, PRETRAINED_CLIPS, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
-from mmlightning.tasks.base import DataSpec, TaskModule
+from mmlightning.tasks.base import DataSpec, TaskModule, read_run_checkpoint
 
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 
@@ -93,7 +93,7 @@ class CLIPTask(TaskModule):
             bias = source.logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
         self.retrieval = nn.ModuleDict({"val": RetrievalRecall(), "test": RetrievalRecall()})
-        self.zero_shot: dict[str, ZeroShotAccuracy] = {}
+        self.zero_shot: dict[str, TopKAccuracy] = {}
         self.classifier: torch.Tensor | None = None
 
     def data_spec(self) -> DataSpec:
@@ -232,7 +232,7 @@ class CLIPTask(TaskModule):
         self.classifier = None if spec is None else self.zero_shot_classifier(spec)
         if spec is not None:
             for stage in ("val", "test"):
-                self.zero_shot[stage] = ZeroShotAccuracy(len(spec.classnames), spec.groups).to(self.device)
+                self.zero_shot[stage] = TopKAccuracy(len(spec.classnames), spec.groups).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
         self.build_zero_shot_classifier()
@@ -281,3 +281,23 @@ class CLIPTask(TaskModule):
             metrics.update({f"zs_{k}": v for k, v in self.zero_shot[stage].compute().items()})
             self.zero_shot[stage].reset()
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()})
+
+
+def load_clip(source: str, where: str = "model.clip") -> CLIPTask:
+    """A trained CLIP to build on (classification heads, prompt learning), in eval mode: a
+    run directory or checkpoint of a ``clip`` recipe, or a pretrained CLIP as
+    ``model.pretrained`` names one (``open_clip:<arch>@<tag or file>``, ``hf:<dir or hub id>``)."""
+    source = str(source)
+    if source.partition(":")[0] in ("open_clip", "hf"):
+        clip = CLIPTask(loss={}, optimizer={"name": "adamw"}, pretrained=source)
+        return clip.eval()
+    path, ckpt, state = read_run_checkpoint(source, where)
+    recipe = ckpt.get("mmlightning_recipe") or {}
+    if recipe.get("task") != "clip":
+        raise UserError(f"{where}: {path} is a {recipe.get('task', 'unknown')!r} run, not a CLIP one: give a run of a "
+                        f"clip recipe (mml ls), or a pretrained CLIP (open_clip:..., hf:...).")
+    model = {k: v for k, v in (recipe.get("model") or {}).items() if k not in ("accumulate_batches",)}
+    clip = CLIPTask(**model, loss=recipe["loss"], optimizer=recipe["optimizer"], scheduler=recipe.get("scheduler"))
+    mine = clip.state_dict()
+    clip.load_state_dict({k: v for k, v in state.items() if k in mine}, strict=True)
+    return clip.eval()
