@@ -21,6 +21,10 @@ loader.
 
 - ``zero_shot``: classes and prompt templates (``ZeroShotSpec``); the evaluation batches'
   ``label`` holds each image's class, and the CLIP task reports zero-shot accuracy on them.
+  The classification and prompt-learning tasks take their classes from it (their data's
+  batches are ``image``, ``label``, ``sample_id``: ``classification.py``).
+- ``raw_pixels(split)``: each image's pixels as a flat array, where the data holds them in
+  memory, for classic baselines on the same split (the classify task's SVM).
 - ``labelled_images()``: images with one class label each (``LabelledImages``), for the
   zero-shot and linear-probe sections of ``mml eval``.
 - ``callbacks()``: Lightning callbacks the data needs in the Trainer (e.g. the shard reader's

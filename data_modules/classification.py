@@ -33,11 +33,12 @@ from torch.utils.data import Dataset
 from mmlightning.data_modules import shapes_world as world
 from mmlightning.data_modules.base import LabelledImages, ZeroShotSpec
 from mmlightning.data_modules.coco import load_image
-from mmlightning.data_modules.common import SplitDataModule, few_shot_draw, normalize_uint8
+from mmlightning.data_modules.common import SplitDataModule, normalize_uint8
 from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, class_folders, image_files
 from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
+from mmlightning.metrics.samples import few_shot_draw
 from mmlightning.registry import DATA_MODULES
 
 SPLITS = ("train", "val", "test")

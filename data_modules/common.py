@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -50,15 +49,6 @@ def normalize_uint8(images: torch.Tensor, config: ImageConfig) -> torch.Tensor:
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous()
-
-
-def few_shot_draw(labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``k`` samples of each class (indices into ``labels``), and ``k`` more of each as
-    the draw's own held-out set (fewer where a class has fewer). Seeded by (seed, k): the
-    few-shot data modules and the linear probes of ``mml eval`` draw the same samples."""
-    rng = np.random.default_rng([seed, k])
-    drawn = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    return np.concatenate([ix[:k] for ix in drawn]), np.concatenate([ix[k:2 * k] for ix in drawn])
 
 
 def string_ids(strings: list[str]) -> torch.Tensor:

@@ -36,7 +36,8 @@ def test_the_table_is_there() -> None:
 
 
 def write_bad_files(root: Path) -> None:
-    """What the data rows point at: a broken JSON, and COCO captions naming a missing image."""
+    """What the data rows point at: a broken JSON, COCO captions naming a missing image, an image
+    folder with an empty class and a CSV with a label outside its class list."""
     (root / "broken.json").write_text('{"images": [')
     (root / "images").mkdir()
     images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(3)]
@@ -48,6 +49,11 @@ def write_bad_files(root: Path) -> None:
     karpathy = [{"filename": image["file_name"], "imgid": image["id"], "split": split,
                  "sentences": [{"raw": "a red square"}]} for image, split in zip(images[:2], ("train", "val"))]
     (root / "karpathy_no_test.json").write_text(json.dumps({"images": karpathy}))
+    (root / "classes" / "cat").mkdir(parents=True)  # an image folder whose "dog" class is empty
+    (root / "classes" / "dog").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (20, 20), (10, 200, 10)).save(root / "classes" / "cat" / name)
+    (root / "labels.csv").write_text("filepath,label\nclasses/cat/a.png,cat\nclasses/cat/b.png,bird\n")
 
 
 @pytest.mark.parametrize("what, command, message", ROWS, ids=[r[0] for r in ROWS])

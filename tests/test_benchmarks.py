@@ -99,3 +99,13 @@ def test_vqa_directions_splits_the_summary_families(tmp_path: Path) -> None:
         n = sum(count for _, count in parts)
         assert sum(acc * count for acc, count in parts) / n == pytest.approx(summary["test"][f"test/acc_{family}"],
                                                                               abs=1e-3)
+
+
+def test_few_shot_table(clip_checkpoint: Path) -> None:
+    out = run("few_shot.py", "--data", "shapes", "--clip", str(clip_checkpoint), "--shots", "1", "2", "--draws", "2",
+              "--steps", "2", "--cocoop-steps", "1", "--methods", "zero-shot", "linear probe", "CoOp")
+    header, rule, *rows = [line for line in out.splitlines() if line.startswith("|")][:5]
+    assert header == "| method | 1-shot | 2-shot |" and [r.split(" |")[0] for r in rows] == \
+        ["| zero-shot", "| linear probe", "| CoOp"]
+    assert all(" ± " in cell for cell in rows[2].split("|")[2:4])  # two draws: a mean and a spread
+    assert "| CoCoOp |" in out and "harmonic mean" in out  # base-to-new runs CoOp and CoCoOp

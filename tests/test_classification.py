@@ -17,7 +17,7 @@ from mmlightning import config as C
 from mmlightning.build import build_datamodule, build_task
 from mmlightning.cli import main
 from mmlightning.data_modules.classification import DIGIT_NAMES
-from mmlightning.data_modules.common import few_shot_draw
+from mmlightning.metrics.samples import few_shot_draw
 from mmlightning.encoders.text import token_embeddings_replaced
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
@@ -216,3 +216,23 @@ def test_coop_context_options_fail_clearly(clip_checkpoint: Path) -> None:
         ckpt["mmlightning_recipe"] = {**ckpt["mmlightning_recipe"], "task": "vqa"}
         torch.save(ckpt, "vqa.ckpt")
         built("coop-shapes", [*CLASSIFY, "model.clip=vqa.ckpt"])
+
+
+def test_eval_reports_a_classifier(capsys: pytest.CaptureFixture) -> None:
+    assert main(["fit", "classify-digits", *CLASSIFY, "model.vision.img_size=32", "run.name=digits",
+                 "logger.name=none"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "runs/digits", "--shots", "1", "--seeds", "1", "logger.name=none"]) == 0
+    out = capsys.readouterr().out
+    assert "Classification (test split)" in out and "SVM on raw pixels" in out
+    assert "true \\ predicted" in out and "Linear probe: digits" in out  # the confusion matrix, and probes
+
+
+def test_a_clip_run_that_locked_a_tower_comes_back_trainable(clip_checkpoint: Path) -> None:
+    ckpt = torch.load(clip_checkpoint, weights_only=False)
+    ckpt["mmlightning_recipe"]["model"]["freeze_vision"] = True  # as lit-shapes-pretrained trains
+    torch.save(ckpt, "lit.ckpt")
+    _, task, _ = built("classify-shapes", [*CLASSIFY, "model.clip=lit.ckpt"])
+    assert all(p.requires_grad for p in task.vision.parameters()) and not task.frozen_modules()
+    _, locked, _ = built("classify-shapes", [*CLASSIFY, "model.clip=lit.ckpt", "model.freeze_vision=true"])
+    assert not any(p.requires_grad for p in locked.vision.parameters())

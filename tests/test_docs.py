@@ -22,6 +22,7 @@ TABLE_REGISTRIES = {
     "model.text": [registry.TEXT_ENCODERS],
     "model.projection": [registry.PROJECTIONS],
     "model.fusion": [registry.FUSION_HEADS],
+    "model.prompt": [registry.PROMPT_LEARNERS],
     "model.decoder": [registry.TEXT_DECODERS],
     "loss": [registry.LOSSES],
     "data": [registry.DATA_MODULES],

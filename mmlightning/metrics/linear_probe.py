@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from mmlightning.data_modules.common import few_shot_draw
+from mmlightning.metrics.samples import few_shot_draw
 
 C_SWEEP = (0.01, 0.1, 1.0, 10.0, 100.0)
 

@@ -87,7 +87,7 @@ class ClassificationTask(TaskModule):
         self.head: nn.Linear | None = None
         self.classnames: list[str] = []
         self.accuracy = nn.ModuleDict()
-        self.raw_pixels: dict[str, Any] | None = None
+        self.pixel_data: Any = None  # the data module, where it holds raw pixels (svm_reference)
 
     def data_spec(self) -> DataSpec:
         # no text in classification data; a tokenizer is still part of the contract
@@ -112,11 +112,17 @@ class ClassificationTask(TaskModule):
 
             # smoothing is the loss's (loss.label_smoothing), applied to the mixed targets
             self.mixup = Mixup(**self.mixup_options, label_smoothing=0.0, num_classes=k)
-        self.raw_pixels = datamodule if hasattr(datamodule, "raw_pixels") else None
+        self.pixel_data = datamodule if hasattr(datamodule, "raw_pixels") else None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vision_proj(self.vision(images).pooled)
         return F.normalize(x, dim=-1) if self.normalize else x
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the head reads, normalised (a CLIP's embedding; a tower's pooled output), for
+        ``mml eval``'s linear probes."""
+        return F.normalize(self.features(images).float(), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.head is None:
@@ -184,7 +190,7 @@ class ClassificationTask(TaskModule):
     def svm_reference(self) -> float | None:
         """scikit-learn's SVM (RBF kernel) on the raw pixels of this run's training split,
         scored on its test split: the classic reference on image data held in memory."""
-        data = self.raw_pixels
+        data = self.pixel_data
         train, test = (data.raw_pixels("train"), data.raw_pixels("test")) if data is not None else (None, None)
         if train is None or test is None:
             return None

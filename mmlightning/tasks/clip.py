@@ -296,7 +296,11 @@ def load_clip(source: str, where: str = "model.clip") -> CLIPTask:
     if recipe.get("task") != "clip":
         raise UserError(f"{where}: {path} is a {recipe.get('task', 'unknown')!r} run, not a CLIP one: give a run of a "
                         f"clip recipe (mml ls), or a pretrained CLIP (open_clip:..., hf:...).")
-    model = {k: v for k, v in (recipe.get("model") or {}).items() if k not in ("accumulate_batches",)}
+    # how that run trained (which towers it locked, its accumulation) is not part of the
+    # model: every weight comes back trainable, and the task building on it decides
+    training_only = ("accumulate_batches", "freeze_vision", "unfrozen_vision_groups", "freeze_text",
+                     "unfrozen_text_groups")
+    model = {k: v for k, v in (recipe.get("model") or {}).items() if k not in training_only}
     clip = CLIPTask(**model, loss=recipe["loss"], optimizer=recipe["optimizer"], scheduler=recipe.get("scheduler"))
     mine = clip.state_dict()
     clip.load_state_dict({k: v for k, v in state.items() if k in mine}, strict=True)
