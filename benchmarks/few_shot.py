@@ -91,10 +91,11 @@ def main() -> None:
     parser.add_argument("--cocoop-batch", type=int, default=8, help="CoCoOp runs the text tower once per image")
     parser.add_argument("--methods", nargs="+", default=["zero-shot", "linear probe", "CoOp", "CoCoOp", "fine-tune"])
     parser.add_argument("--no-base-to-new", action="store_true")
+    parser.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every run, e.g. data sizes")
     args = parser.parse_args()
     start = time.time()
     classes = CLASSES[args.data]
-    data = [*DATA[args.data], f"model.clip={args.clip}"]
+    data = [*DATA[args.data], f"model.clip={args.clip}", *args.overrides]
     coop = ["model.prompt={name: coop, n_ctx: 4}", "optimizer.lr=0.02"]
     cocoop = ["model.prompt={name: cocoop, n_ctx: 4}", "optimizer.lr=0.02"]
     finetune = ["model.head_init=zero_shot", "optimizer.lr=1.0e-4"]

@@ -103,7 +103,8 @@ def test_vqa_directions_splits_the_summary_families(tmp_path: Path) -> None:
 
 def test_few_shot_table(clip_checkpoint: Path) -> None:
     out = run("few_shot.py", "--data", "shapes", "--clip", str(clip_checkpoint), "--shots", "1", "2", "--draws", "2",
-              "--steps", "2", "--cocoop-steps", "1", "--methods", "zero-shot", "linear probe", "CoOp")
+              "--steps", "2", "--cocoop-steps", "1", "--methods", "zero-shot", "linear probe", "CoOp", "--overrides",
+              "data.num_train=480", "data.num_val=48", "data.num_test=96", "data.eval_batch_size=96")
     header, rule, *rows = [line for line in out.splitlines() if line.startswith("|")][:5]
     assert header == "| method | 1-shot | 2-shot |" and [r.split(" |")[0] for r in rows] == \
         ["| zero-shot", "| linear probe", "| CoOp"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import CLASSIFY
+from tiny import CLASSIFY, SHAPES_OBJECTS
 
 from mmlightning import config as C
 from mmlightning.build import build_datamodule, build_task
@@ -99,7 +99,7 @@ def test_image_folder_layouts_and_csv(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- classify task
 def test_zero_shot_head_scores_the_zero_shot_accuracy_before_any_step(clip_checkpoint: Path) -> None:
-    _, task, data = built("classify-shapes", [*CLASSIFY, f"model.clip={clip_checkpoint}"])
+    _, task, data = built("classify-shapes", [*SHAPES_OBJECTS, f"model.clip={clip_checkpoint}"])
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu")
     top1 = trainer.test(task, datamodule=data, verbose=False)[0]["test/top1"]
     clip = load_clip(str(clip_checkpoint))
@@ -145,7 +145,7 @@ def test_predict_classifies_a_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
 @pytest.mark.parametrize("learner", ["{name: coop, n_ctx: 3}", "{name: coop, n_ctx: 2, class_specific: true}",
                                      "{name: cocoop, n_ctx: 2}"])
 def test_prompt_learning_trains_only_the_prompt(learner: str, clip_checkpoint: Path) -> None:
-    overrides = [*CLASSIFY, f"model.clip={clip_checkpoint}", "data.shots=2", f"model.prompt={learner}",
+    overrides = [*SHAPES_OBJECTS, f"model.clip={clip_checkpoint}", "data.shots=2", f"model.prompt={learner}",
                  "optimizer.lr=0.5", "run.name=coop", "logger.name=none"]
     L.seed_everything(0, workers=True, verbose=False)  # as mml fit seeds before it builds: the same start
     _, task, data = built("coop-shapes", overrides)
@@ -169,7 +169,7 @@ def test_prompt_learning_trains_only_the_prompt(learner: str, clip_checkpoint: P
 
 
 def test_prompt_trained_on_base_classes_tests_on_new(clip_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
-    overrides = [*CLASSIFY, f"model.clip={clip_checkpoint}", "data.shots=1", "logger.name=none"]
+    overrides = [*SHAPES_OBJECTS, f"model.clip={clip_checkpoint}", "data.shots=1", "logger.name=none"]
     assert main(["fit", "coop-shapes", *overrides, "data.class_subset=base", "run.name=base"]) == 0
     capsys.readouterr()
     assert main(["test", "coop-shapes", "--ckpt", "runs/base", *overrides, "data.class_subset=new"]) == 0
@@ -211,14 +211,15 @@ def test_text_towers_fed_a_prompts_embeddings_match_its_tokens(fixtures: dict[st
 
 def test_coop_context_options_fail_clearly(clip_checkpoint: Path) -> None:
     with pytest.raises(UserError, match="give n_ctx or init, not both"):
-        built("coop-shapes", [*CLASSIFY, f"model.clip={clip_checkpoint}", "model.prompt={name: coop, n_ctx: 2, init: a}"])
+        built("coop-shapes", [*SHAPES_OBJECTS, f"model.clip={clip_checkpoint}", "data.shots=2",
+                              "model.prompt={name: coop, n_ctx: 2, init: a}"])
     with pytest.raises(UserError, match="model.prompt.name: unknown prompt learner 'coopp'"):
-        built("coop-shapes", [*CLASSIFY, f"model.clip={clip_checkpoint}", "model.prompt.name=coopp"])
+        built("coop-shapes", [*SHAPES_OBJECTS, f"model.clip={clip_checkpoint}", "data.shots=2", "model.prompt.name=coopp"])
     with pytest.raises(UserError, match="is a 'vqa' run, not a CLIP one|not a CLIP"):
         ckpt = torch.load(clip_checkpoint, weights_only=False)
         ckpt["mmlightning_recipe"] = {**ckpt["mmlightning_recipe"], "task": "vqa"}
         torch.save(ckpt, "vqa.ckpt")
-        built("coop-shapes", [*CLASSIFY, "model.clip=vqa.ckpt"])
+        built("coop-shapes", [*SHAPES_OBJECTS, "data.shots=2", "model.clip=vqa.ckpt"])
 
 
 def test_eval_reports_a_classifier(capsys: pytest.CaptureFixture) -> None:
@@ -237,7 +238,7 @@ def test_a_clip_run_that_locked_a_tower_comes_back_trainable(clip_checkpoint: Pa
     ckpt = torch.load(clip_checkpoint, weights_only=False)
     ckpt["mmlightning_recipe"]["model"]["freeze_vision"] = True  # as lit-shapes-pretrained trains
     torch.save(ckpt, "lit.ckpt")
-    _, task, _ = built("classify-shapes", [*CLASSIFY, "model.clip=lit.ckpt"])
+    _, task, _ = built("classify-shapes", [*SHAPES_OBJECTS, "model.clip=lit.ckpt"])
     assert all(p.requires_grad for p in task.vision.parameters()) and not task.frozen_modules()
-    _, locked, _ = built("classify-shapes", [*CLASSIFY, "model.clip=lit.ckpt", "model.freeze_vision=true"])
+    _, locked, _ = built("classify-shapes", [*SHAPES_OBJECTS, "model.clip=lit.ckpt", "model.freeze_vision=true"])
     assert not any(p.requires_grad for p in locked.vision.parameters())

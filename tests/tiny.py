@@ -16,6 +16,8 @@ SHAPES_CLIP = [
 # classification data (digits, shapes objects): the test split stays whole-sized where it is fixed
 CLASSIFY = ["data.batch_size=32", "data.eval_batch_size=64", "trainer.max_epochs=1", "trainer.log_every_n_steps=2",
             "scheduler.warmup_steps=2", "trainer.limit_train_batches=3"]
+# one-object scenes: fewer than the recipes' thousands (each build renders them), 10 per class on average
+SHAPES_OBJECTS = [*CLASSIFY, "data.num_train=480", "data.num_val=48", "data.num_test=96"]
 SHAPES_VQA = [*SHAPES_CLIP, "data.num_train=96"]  # about 5 questions per image
 SHAPES_CAPTION = [*SHAPES_CLIP, "data.num_train=128", "model.generation.max_new_tokens=8", "model.generation.num_beams=2"]
 TINY_STEPS = ["trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2", "data.num_workers=0"]
@@ -86,9 +88,9 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
         "clip-finetune-shapes": lambda: [*SHAPES_CLIP, f"model.pretrained=open_clip:local-dir:{fx['open_clip']}"],
         "clip-finetune-coco": lambda: [f"model.pretrained=hf:{fx['hf_clip']}", *coco_data(fx["coco"])],
         "classify-digits": lambda: [*CLASSIFY, "model.vision.img_size=32"],  # the real packaged weights
-        "classify-shapes": lambda: [*CLASSIFY, f"model.clip={fx['clip_ckpt']}", "data.num_train=96"],
+        "classify-shapes": lambda: [*SHAPES_OBJECTS, f"model.clip={fx['clip_ckpt']}"],
         "coop-digits": lambda: [*CLASSIFY, f"model.clip={fx['clip_ckpt']}", "data.shots=4", "data.train_repeats=1"],
-        "coop-shapes": lambda: [*CLASSIFY, f"model.clip={fx['clip_ckpt']}", "data.shots=2", "data.train_repeats=1"],
+        "coop-shapes": lambda: [*SHAPES_OBJECTS, f"model.clip={fx['clip_ckpt']}", "data.shots=2", "data.train_repeats=1"],
     }
     return table[recipe]()
 
