@@ -49,6 +49,13 @@ def read_run_checkpoint(source: str | Path, key: str) -> tuple[Path, dict[str, A
     return path, ckpt, state
 
 
+def most_probable_classes(logits: torch.Tensor, classnames: list[str]) -> list[str]:
+    """``mml predict``'s line for each row of class logits: the most probable class and its
+    probability."""
+    best = logits.float().softmax(-1).max(-1)
+    return [f"{classnames[i]} ({p:.3f})" for p, i in zip(best.values.tolist(), best.indices.tolist())]
+
+
 class TaskModule(L.LightningModule):
     leaves_parameters_unused = False  # True: some parameters may get no gradient in a step (DDP must know)
     epoch_line_metrics: tuple[str, ...] = ()  # validation metrics printed after each epoch (empty: all)

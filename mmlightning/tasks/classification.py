@@ -26,7 +26,7 @@ from mmlightning.metrics import TopKAccuracy
 from mmlightning.metrics.linear_probe import raw_pixel_svm
 from mmlightning.registry import LOSSES, TASKS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
-from mmlightning.tasks.base import DataSpec, TaskModule
+from mmlightning.tasks.base import DataSpec, TaskModule, most_probable_classes
 from mmlightning.tasks.clip import load_clip
 
 HEAD_INITS = ("random", "zero_shot")
@@ -233,9 +233,7 @@ class ClassificationTask(TaskModule):
 
     def predict_images(self, images: torch.Tensor, datamodule: Any) -> list[str]:
         """The most probable class of each image, with its probability."""
-        probs = self(images.to(self.device)).float().softmax(-1)
-        best = probs.max(-1)
-        return [f"{self.classnames[i]} ({p:.3f})" for p, i in zip(best.values.tolist(), best.indices.tolist())]
+        return most_probable_classes(self(images.to(self.device)), self.classnames)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

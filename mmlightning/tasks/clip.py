@@ -21,7 +21,7 @@ from mmlightning.errors import UserError
 from mmlightning.metrics import RetrievalRecall, TopKAccuracy
 from mmlightning.registry import LOSSES, PRETRAINED_CLIPS, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
-from mmlightning.tasks.base import DataSpec, TaskModule, read_run_checkpoint
+from mmlightning.tasks.base import DataSpec, TaskModule, most_probable_classes, read_run_checkpoint
 
 MAX_LOGIT_SCALE = math.log(100.0)  # temperature never below 1/100, as in CLIP
 
@@ -257,9 +257,7 @@ class CLIPTask(TaskModule):
                             f"{type(datamodule).__name__} has none.")
         classes = datamodule.zero_shot
         logits = self.encode_image(images.to(self.device)) @ self.zero_shot_classifier(classes).T
-        probs = (logits * self.temperature_scale()).softmax(-1)
-        best = probs.max(-1)
-        return [f"{classes.classnames[i]} ({p:.3f})" for p, i in zip(best.values.tolist(), best.indices.tolist())]
+        return most_probable_classes(logits * self.temperature_scale(), classes.classnames)
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         m, ks = test_metrics, self.retrieval["test"].ks

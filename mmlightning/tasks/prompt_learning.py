@@ -25,7 +25,7 @@ from mmlightning.encoders.weights import freeze_tower
 from mmlightning.metrics import TopKAccuracy
 from mmlightning.registry import LOSSES, PROMPT_LEARNERS, TASKS
 from mmlightning.report_blocks import section, table
-from mmlightning.tasks.base import DataSpec, TaskModule
+from mmlightning.tasks.base import DataSpec, TaskModule, most_probable_classes
 from mmlightning.tasks.classification import class_names
 from mmlightning.tasks.clip import load_clip
 
@@ -104,9 +104,7 @@ class PromptLearningTask(TaskModule):
         self.log_dict(metrics)
 
     def predict_images(self, images: torch.Tensor, datamodule: Any) -> list[str]:
-        probs = self(images.to(self.device)).float().softmax(-1)
-        best = probs.max(-1)
-        return [f"{self.classnames[i]} ({p:.3f})" for p, i in zip(best.values.tolist(), best.indices.tolist())]
+        return most_probable_classes(self(images.to(self.device)), self.classnames)
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         m = test_metrics
