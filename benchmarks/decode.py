@@ -91,13 +91,14 @@ def ours(folder: str, batch_size: int) -> float:
     import torch
 
     loader_workers_fork()
-    from mmlightning.data_modules.shards import ShardLoader, ShardStream, expand_shards, shard_sizes
+    from mmlightning.data_modules.shards import ShardSource, expand_shards
+    from mmlightning.data_modules.streams import SampleStream, StreamLoader
 
     torch.set_num_threads(1)
     urls = expand_shards(folder, "shards")
-    stream = ShardStream(urls, shard_sizes(urls), True, batch_size, tokenizer(), 32, image_config(), seed=0,
+    stream = SampleStream(ShardSource(urls), True, batch_size, tokenizer(), 32, image_config(), seed=0,
                          shuffle_buffer=256)
-    seconds, images = timed(ShardLoader(stream, epoch=lambda: 0, batches_done=lambda: 0, num_workers=1))
+    seconds, images = timed(StreamLoader(stream, epoch=lambda: 0, batches_done=lambda: 0, num_workers=1))
     return images / seconds
 
 
@@ -134,7 +135,8 @@ def decode_paths(folder: str) -> dict[str, float]:
     import torchvision.io
     from PIL import Image
 
-    from mmlightning.data_modules.shards import decode_image, shard_samples
+    from mmlightning.data_modules.shards import shard_samples
+    from mmlightning.data_modules.streams import decode_image
     from mmlightning.data_modules.transforms import train_transform
 
     torch.set_num_threads(1)

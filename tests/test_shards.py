@@ -17,7 +17,8 @@ import torch
 from tiny import tiny_bert, tiny_vit
 
 from mmlightning.cli import main
-from mmlightning.data_modules.shards import ShardStream, count_samples, expand_shards, shard_sizes
+from mmlightning.data_modules.shards import ShardSource, count_samples, expand_shards, shard_sizes
+from mmlightning.data_modules.streams import SampleStream, StreamLoader
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
 
@@ -134,11 +135,11 @@ def test_bad_samples_are_counted_exactly_and_logged(tmp_path: Path, minilm_dir: 
     assert [len(seen["train1"]) for seen in ranks] == [10, 10]
 
 
-def stream(folder: Path, train: bool, **kwargs) -> ShardStream:
+def stream(folder: Path, train: bool, **kwargs) -> SampleStream:
     from transformers import AutoTokenizer
 
     urls = expand_shards(str(folder), "data.train_shards")
-    return ShardStream(urls, shard_sizes(urls), train, 8, AutoTokenizer.from_pretrained(kwargs.pop("minilm")), 16,
+    return SampleStream(ShardSource(urls), train, 8, AutoTokenizer.from_pretrained(kwargs.pop("minilm")), 16,
                        ImageConfig(size=32), seed=0, shuffle_buffer=10, **kwargs)
 
 
@@ -200,12 +201,10 @@ def test_data_writes_coco_and_vqav2_the_readers_accept(tmp_path: Path, capsys: p
 def test_a_resumed_epoch_continues_after_the_batches_done(tmp_path: Path, minilm_dir: Path) -> None:
     """The loader's checkpointed state (epoch, batches done) resumes mid-epoch with two
     workers: the same batches, in the same order, as the rest of an uninterrupted epoch."""
-    from mmlightning.data_modules.shards import ShardLoader
-
     write(["train", "--num", "96", "--shard-size", "16", "--image-size", "32"])
 
     def epoch_batches(state: dict[str, int] | None) -> list[dict]:
-        loader = ShardLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: 1,
+        loader = StreamLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: 1,
                              batches_done=lambda: 0, num_workers=2)
         if state:
             loader.load_state_dict(state)
@@ -218,7 +217,7 @@ def test_a_resumed_epoch_continues_after_the_batches_done(tmp_path: Path, minilm
     assert [b["image_id"].tolist() for b in resumed] == [b["image_id"].tolist() for b in full[5:]]
     assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
                for a, b in zip(resumed, full[5:]))
-    first_epoch = ShardLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: 0,
+    first_epoch = StreamLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: 0,
                               batches_done=lambda: 0, num_workers=2)
     assert [b["image_id"].tolist() for b in first_epoch] != [b["image_id"].tolist() for b in full]
 
@@ -236,12 +235,10 @@ def test_captioning_trains_on_shards_by_data_override(fixtures: dict[str, Path])
 def test_resume_saved_at_an_epochs_end_starts_the_next_epoch(tmp_path: Path, minilm_dir: Path) -> None:
     """Lightning builds the resumed iterator before it advances its epoch counter: the
     loaded state (next epoch, nothing done) wins over the counter."""
-    from mmlightning.data_modules.shards import ShardLoader
-
     write(["train", "--num", "48", "--shard-size", "16", "--image-size", "32"])
 
     def ids(epoch_now: int, state: dict[str, int] | None) -> list[list[int]]:
-        loader = ShardLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: epoch_now,
+        loader = StreamLoader(stream(tmp_path / "train", train=True, minilm=minilm_dir), epoch=lambda: epoch_now,
                              batches_done=lambda: 0, num_workers=0)
         if state:
             loader.load_state_dict(state)
@@ -293,16 +290,14 @@ def test_resampled_streams_and_fsspec_urls(tmp_path: Path, minilm_dir: Path) -> 
     epoch; shards named by URL (here file://, as s3:// or gs:// would be) are read through fsspec."""
     from transformers import AutoTokenizer
 
-    from mmlightning.data_modules.shards import ShardLoader
-
     write(["train", "--num", "40", "--shard-size", "10", "--image-size", "32"])
     urls = expand_shards(f"file://{tmp_path}/train/shard-{{000000..000003}}.tar", "data.train_shards")
     assert shard_sizes(urls) == [10, 10, 10, 10]  # from sizes.json, read through fsspec too
-    resampled = ShardStream(urls, shard_sizes(urls), True, 8, AutoTokenizer.from_pretrained(minilm_dir), 16,
+    resampled = SampleStream(ShardSource(urls), True, 8, AutoTokenizer.from_pretrained(minilm_dir), 16,
                             ImageConfig(size=32), seed=0, mode="resampled", samples_per_epoch=64, shuffle_buffer=8)
 
     def epoch(n: int) -> list[int]:
-        loader = ShardLoader(resampled, epoch=lambda: n, batches_done=lambda: 0, num_workers=0)
+        loader = StreamLoader(resampled, epoch=lambda: n, batches_done=lambda: 0, num_workers=0)
         assert len(loader) == 8
         return [i for b in loader for i in b["image_id"].tolist()]
 
