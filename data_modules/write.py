@@ -1,9 +1,12 @@
-"""``mml data``: write datasets in the formats the data modules read, and inspect shard sets.
+"""``mml data``: write datasets in the formats the data modules read, convert between them,
+and inspect any of them.
 
-- webdataset shards (``shard-000000.tar`` ..., ``sizes.json``) from the shapes world or any
-  COCO-captions dataset (images copied byte for byte);
-- COCO-captions JSON (``annotations/captions_<split>.json`` + ``<split>/<id:012d>.jpg``) and
-  VQAv2 JSON (questions + annotations with 10 answers + ``COCO_<subtype>_<id:012d>.jpg``)
+- webdataset shards (``shard-000000.tar`` ..., ``sizes.json``), Parquet (``part-000000.parquet``,
+  one row group of ``--shard-size`` rows each, ``datasets``' Image feature), CSV
+  (``captions.csv`` + ``images/``, one row per caption) and COCO-captions JSON
+  (``annotations/captions_<split>.json`` + ``<split>/<id:012d>.<ext>``), from the shapes world
+  or from any readable input (shards, a table, COCO JSON), images copied byte for byte;
+- VQAv2 JSON (questions + annotations with 10 answers + ``COCO_<subtype>_<id:012d>.jpg``)
   from the shapes world.
 """
 
@@ -19,7 +22,9 @@ from typing import Any
 from mmlightning.data_modules import shapes_world as world
 from mmlightning.data_modules.coco import read_coco_captions
 from mmlightning.data_modules.common import IMAGE_EXTENSIONS
-from mmlightning.data_modules.shards import SIZES_FILE, expand_shards, sample_captions, shard_samples
+from mmlightning.data_modules.shards import SIZES_FILE, ShardSource, expand_shards
+from mmlightning.data_modules.streams import SKIP_KINDS, BadSample
+from mmlightning.data_modules.tables import LOCAL_FORMS, image_format, open_table
 from mmlightning.errors import UserError
 
 
@@ -79,23 +84,164 @@ def write_shards(pairs: Iterator[Pair], out: str | Path, shard_size: int) -> dic
             "bytes": sum((out / name).stat().st_size for name in sizes), "folder": str(out)}
 
 
-def write_coco(split: str, num: int, seed: int, image_size: int, out: str | Path) -> dict[str, Any]:
-    """The shapes world as a COCO-captions dataset (what the ``coco_captions`` data module reads)."""
+def write_coco(pairs: Iterator[Pair], out: str | Path, split: str) -> dict[str, Any]:
+    """A COCO-captions dataset (what the ``coco_captions`` data module reads); image ids are
+    the pairs' positions."""
     out = Path(out)
     folder = out / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
     images, annotations = [], []
-    for pair in shapes_pairs(split, num, seed, image_size, "jpg"):
-        name = f"{pair.image_id:012d}.jpg"
+    for image_id, pair in enumerate(pairs):
+        name = f"{image_id:012d}.{pair.ext}"
         (folder / name).write_bytes(pair.image)
-        images.append({"id": pair.image_id, "file_name": name, "height": image_size, "width": image_size})
-        annotations += [{"id": len(annotations) + 1, "image_id": pair.image_id, "caption": c} for c in pair.captions]
+        images.append({"id": image_id, "file_name": name})
+        annotations += [{"id": len(annotations) + 1, "image_id": image_id, "caption": c} for c in pair.captions]
     target = out / "annotations" / f"captions_{split}2017.json"
-    target.write_text(json.dumps({"info": {"description": f"shapes world, {split} split"}, "licenses": [],
+    target.write_text(json.dumps({"info": {"description": f"{split} split"}, "licenses": [],
                                   "images": images, "annotations": annotations}))
     return {"samples": len(images), "captions": len(annotations), "json": str(target), "images": str(folder),
             "bytes": sum(p.stat().st_size for p in folder.iterdir()) + target.stat().st_size}
+
+
+def fresh_folder(out: str | Path, pattern: str) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob(pattern)):
+        raise UserError(f"{out} already holds {pattern} files; not mixing two datasets. Pick an empty folder.")
+    return out
+
+
+def write_parquet(pairs: Iterator[Pair], out: str | Path, shard_size: int) -> dict[str, Any]:
+    """Parquet files of ``shard_size`` rows (one row group each, the streaming reader's unit):
+    ``key``, ``image`` (``datasets``' Image feature: ``{bytes, path}``), ``caption`` (a list:
+    every caption of the image), ``image_id``; ``datasets.load_dataset("parquet")`` reads them."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}.")
+    out = fresh_folder(out, "*.parquet")
+    features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image(),
+                                  "caption": [datasets.Value("string")],
+                                  "image_id": datasets.Value("int64")})
+    schema = features.arrow_schema
+    files, rows, chunk = [], 0, []
+
+    def flush() -> None:
+        path = out / f"part-{len(files):06d}.parquet"
+        columns = {"key": [p.key for p in chunk], "image": [{"bytes": p.image, "path": f"{p.key}.{p.ext}"} for p in chunk],
+                   "caption": [p.captions for p in chunk],
+                   "image_id": [p.image_id for p in chunk]}
+        pq.write_table(pa.Table.from_pydict(columns, schema=schema), path, row_group_size=shard_size)
+        files.append(path)
+
+    for pair in pairs:
+        chunk.append(pair)
+        rows += 1
+        if len(chunk) == shard_size:
+            flush()
+            chunk = []
+    if chunk:
+        flush()
+    return {"samples": rows, "files": len(files), "bytes": sum(p.stat().st_size for p in files), "folder": str(out)}
+
+
+def write_csv(pairs: Iterator[Pair], out: str | Path) -> dict[str, Any]:
+    """``captions.csv`` (columns ``image``, ``caption``; one row per caption, paths relative
+    to the CSV) and the images under ``images/``: open_clip's CSV convention."""
+    import csv
+
+    out = fresh_folder(out, "*.csv")
+    (out / "images").mkdir(exist_ok=True)
+    samples = captions = 0
+    with open(out / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        for pair in pairs:
+            name = f"images/{pair.key}.{pair.ext}"
+            (out / name).write_bytes(pair.image)
+            writer.writerows([name, c] for c in pair.captions)
+            samples, captions = samples + 1, captions + len(pair.captions)
+    return {"samples": samples, "captions": captions, "csv": str(out / "captions.csv"),
+            "bytes": sum(p.stat().st_size for p in (out / "images").iterdir()) + (out / "captions.csv").stat().st_size}
+
+
+def is_shards(spec: str) -> bool:
+    return spec.endswith(".tar") or (Path(spec).is_dir() and any(Path(spec).glob("*.tar")))
+
+
+def open_input(spec: str, image_key: str = "image", caption_key: str = "caption", image_root: str | None = None,
+               sep: str | None = None) -> Any:
+    """The stream source for shards or any table ``spec`` (``tables.open_table``)."""
+    if is_shards(spec):
+        return ShardSource(expand_shards(spec, "input"))
+    try:
+        return open_table(spec, "input", image_key, caption_key, image_root, sep)
+    except UserError:
+        if Path(spec).is_dir():  # neither: say what was looked for
+            raise UserError(f"{spec!r}: a folder with no shards (*.tar) and none of {LOCAL_FORMS}.") from None
+        raise
+
+
+def source_pairs(source: Any, counts: dict[str, int], problems: list[str]) -> Iterator[Pair]:
+    """Every good sample of a source in order; bad ones counted by kind (a few kept as examples)."""
+    image_id = 0
+    for unit, size in enumerate(source.sizes):
+        seen = 0
+        try:
+            for position, where, raw in source.read(unit, 0, size):
+                seen = position + 1
+                try:
+                    image, captions = source.parse(raw, where)
+                    ext = image_format(image)
+                except BadSample as bad:
+                    counts[bad.kind] += 1
+                    problems.append(str(bad))
+                    continue
+                except (OSError, ValueError, SyntaxError) as err:
+                    counts["bad_image"] += 1
+                    problems.append(f"bad image: {where}: {str(err).splitlines()[0]}")
+                    continue
+                key = raw.get("__key__") if isinstance(raw, dict) and "__key__" in raw else f"{image_id:08d}"
+                yield Pair(str(key), image, ext, captions, image_id)
+                image_id += 1
+        except source.damage as err:
+            problems.append(f"{source.names[unit]}: {type(err).__name__}: {err}")
+        if seen < size:
+            counts["truncated"] += size - seen
+
+
+WRITERS = ("wds", "parquet", "csv", "coco")
+
+
+def write_pairs(pairs: Iterator[Pair], out: str | Path, fmt: str, shard_size: int, split: str) -> dict[str, Any]:
+    if fmt == "wds":
+        return write_shards(pairs, out, shard_size)
+    if fmt == "parquet":
+        return write_parquet(pairs, out, shard_size)
+    if fmt == "csv":
+        return write_csv(pairs, out)
+    if fmt == "coco":
+        return write_coco(pairs, out, split)
+    raise UserError(f"--format {fmt!r}: image-caption data is written as one of {', '.join(WRITERS)}.")
+
+
+def convert(spec: str, out: str | Path, fmt: str, shard_size: int = 1000, split: str = "train",
+            **table_keys: Any) -> dict[str, Any]:
+    """Any readable input (shards, a table, COCO JSON with ``images``) to ``fmt``; bad samples
+    are skipped and reported."""
+    counts, problems = dict.fromkeys(SKIP_KINDS[:-1], 0), []
+    if spec.endswith(".json"):
+        if not table_keys.get("images"):
+            raise UserError(f"mml data convert {spec}: a COCO captions JSON needs --images DIR (its image folder).")
+        pairs = coco_pairs(spec, table_keys["images"])
+    else:
+        keys = {k: v for k, v in table_keys.items() if k != "images" and v is not None}
+        pairs = source_pairs(open_input(spec, **keys), counts, problems)
+    summary = write_pairs(pairs, out, fmt, shard_size, split)
+    return {**summary, "skipped": {k: n for k, n in counts.items() if n}, "problems": problems[:5]}
 
 
 ANSWER_TYPES = {"count": "number", "exist": "yes/no"}
@@ -129,29 +275,27 @@ def write_vqav2(split: str, num: int, seed: int, image_size: int, out: str | Pat
             "bytes": sum(p.stat().st_size for p in folder.iterdir()) + q_path.stat().st_size + a_path.stat().st_size}
 
 
-def inspect_shards(spec: str, show: int = 3) -> dict[str, Any]:
-    """Count the samples of a shard set (reading every tar), list the file kinds a sample
-    holds and the first few captions; damaged shards and bad or missing captions are
-    reported, not fatal (images are not decoded here)."""
-    import tarfile
-
-    urls = expand_shards(spec, "mml data inspect")
+def inspect(spec: str, show: int = 3, **table_keys: Any) -> dict[str, Any]:
+    """Count the samples of shards or a table, list what a sample holds (file kinds or
+    columns) and the first few captions; missing images, bad or missing captions and damaged
+    units are reported, not fatal (images are not decoded here)."""
+    source = open_input(spec, **{k: v for k, v in table_keys.items() if v is not None})
     samples, kinds, captions, problems, total_bytes = 0, set(), [], [], 0
-    for url in urls:
-        if "://" not in url:
-            total_bytes += Path(url).stat().st_size
+    for name in source.names if is_shards(spec) else []:
+        if "://" not in name:
+            total_bytes += Path(name).stat().st_size
+    for unit, size in enumerate(source.sizes):
         try:
-            for sample in shard_samples(url):
+            for _, where, raw in source.read(unit, 0, size):
                 samples += 1
-                kinds |= {k for k in sample if not k.startswith("__")}
-                where = f"{url} key {sample['__key__']!r}"
+                kinds |= {k for k in raw if not k.startswith("__")}
                 try:
-                    caps = sample_captions(sample, where)
+                    _, caps = source.parse(raw, where)
                     if len(captions) < show:
-                        captions.append(f"{sample['__key__']}: {caps[0]}")
-                except Exception as err:  # noqa: BLE001  (reported, inspection goes on)
+                        captions.append(f"{raw.get('__key__', samples - 1)}: {caps[0]}")
+                except BadSample as err:  # reported, inspection goes on
                     problems.append(str(err))
-        except (tarfile.TarError, OSError, EOFError) as err:
-            problems.append(f"{url}: {type(err).__name__}: {err}")
-    return {"shards": len(urls), "samples": samples, "bytes": total_bytes, "sample_keys": sorted(kinds),
-            "captions": captions, "problems": problems}
+        except source.damage as err:
+            problems.append(f"{source.names[unit]}: {type(err).__name__}: {err}")
+    what = {"shards": len(source.names), "bytes": total_bytes} if is_shards(spec) else {"units": len(source.names)}
+    return {**what, "samples": samples, "sample_keys": sorted(kinds), "captions": captions, "problems": problems}

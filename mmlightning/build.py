@@ -35,6 +35,7 @@ def import_components(imports: list[str] | None = None) -> None:
     import mmlightning.data_modules.coco_karpathy  # noqa: F401
     import mmlightning.data_modules.shapes  # noqa: F401
     import mmlightning.data_modules.shards  # noqa: F401
+    import mmlightning.data_modules.tables  # noqa: F401
     import mmlightning.data_modules.vqav2  # noqa: F401
     import mmlightning.encoders  # noqa: F401
     import mmlightning.fusion  # noqa: F401

@@ -10,7 +10,8 @@
     mml eval RUN_DIR|CKPT [--image-folder DIR --template T ...]   perception report
     mml predict RUN_DIR|CKPT --images DIR [--out FILE]   caption or classify images
     mml export CKPT_OR_RUN_DIR --format open_clip|hf --out DIR
-    mml data write shapes|coco OUT [--format wds|coco|vqav2] ...   |   mml data inspect SHARDS
+    mml data write shapes|coco OUT [--format wds|parquet|csv|coco|vqav2]  |  mml data convert IN OUT --format F
+    mml data inspect IN
 
 RECIPE is a packaged recipe's name or a path to a YAML file; a run directory (or a checkpoint
 in one) stands for the recipe it was trained with, its own config.yaml. Overrides: ``key=value`` changes
@@ -55,7 +56,7 @@ EXAMPLES = {
                "mml export runs/<run> --format hf --out exported-hf/"],
     "wise-ft": ["mml wise-ft runs/<run> --alpha 0.5"],
     "data": ["mml data write shapes shards/train --num 1000", "mml data write shapes coco/ --format coco",
-             "mml data inspect shards/train"],
+             "mml data convert shards/train table/train --format parquet", "mml data inspect table/train"],
 }
 """What each command's --help ends with."""
 
@@ -129,24 +130,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["open_clip", "hf"],
                    help="open_clip: a local-dir folder open_clip loads; hf: a transformers folder")
     p.add_argument("--out", required=True, help="folder to write")
-    p = sub.add_parser("data", help="write datasets as webdataset shards, COCO or VQAv2 JSON; inspect shards")
-    data = p.add_subparsers(dest="action", required=True, help="write or inspect")
+    p = sub.add_parser("data", help="write, convert and inspect datasets: webdataset, Parquet, CSV, COCO/VQAv2 JSON")
+    data = p.add_subparsers(dest="action", required=True, help="write, convert or inspect")
     w = data.add_parser("write", help="write the shapes world or a COCO-captions dataset")
     w.add_argument("source", choices=["shapes", "coco"], help="the shapes world, or a COCO-captions dataset")
     w.add_argument("out", help="folder to write")
-    w.add_argument("--format", choices=["wds", "coco", "vqav2"], default="wds",
-                   help="webdataset shards, COCO captions JSON or VQAv2 JSON (the last two: shapes only)")
-    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard (wds)")
+    w.add_argument("--format", choices=["wds", "parquet", "csv", "coco", "vqav2"], default="wds",
+                   help="webdataset shards, Parquet, CSV + images, COCO captions JSON, or VQAv2 JSON (shapes only)")
+    w.add_argument("--shard-size", type=int, default=1000, help="samples per shard (wds) or row group (parquet)")
     w.add_argument("--split", choices=["train", "val", "test"], default="train", help="shapes world split")
     w.add_argument("--num", type=int, default=1000, help="shapes world images")
     w.add_argument("--image-size", type=int, default=64, help="shapes world image size")
-    w.add_argument("--image-format", choices=["png", "jpg", "webp"], default="jpg", help="shapes world, wds")
+    w.add_argument("--image-format", choices=["png", "jpg", "webp"], default="jpg", help="shapes world images")
     w.add_argument("--seed", type=int, default=0, help="shapes world seed")
     w.add_argument("--json", help="COCO captions JSON (source coco)")
     w.add_argument("--images", help="its image folder (source coco)")
-    i = data.add_parser("inspect", help="count a shard set's samples and show a few")
-    i.add_argument("shards", help="folder, brace pattern (shard-{000000..000009}.tar) or URL")
+    c = data.add_parser("convert", help="convert shards, a table (CSV, Parquet, datasets folder) or COCO JSON")
+    c.add_argument("input", help="shards (folder or pattern), a table, or a COCO captions .json (with --images)")
+    c.add_argument("out", help="folder to write")
+    c.add_argument("--format", required=True, choices=["wds", "parquet", "csv", "coco"], help="what to write")
+    c.add_argument("--shard-size", type=int, default=1000, help="samples per shard (wds) or row group (parquet)")
+    c.add_argument("--split", default="train", help="split name in COCO file names (--format coco)")
+    c.add_argument("--images", help="image folder of a COCO captions JSON input")
+    i = data.add_parser("inspect", help="count the samples of shards or a table and show a few")
+    i.add_argument("input", help="shards (folder, brace pattern shard-{000000..000009}.tar, URL) or a table")
     i.add_argument("--show", type=int, default=3, help="captions to print")
+    for q in (c, i):  # tables name their columns as the table_captions data module's keys do
+        q.add_argument("--image-key", default=None, help="table column of images (bytes or paths); default image")
+        q.add_argument("--caption-key", default=None, help="table column of captions; default caption")
+        q.add_argument("--image-root", default=None, help="folder that image paths are relative to")
+        q.add_argument("--sep", default=None, help="CSV delimiter (default: by suffix, , or tab)")
     return parser
 
 
@@ -518,20 +531,26 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     from mmlightning.data_modules import write
 
-    if args.action == "inspect":
-        summary = write.inspect_shards(args.shards, args.show)
+    if args.action in ("inspect", "convert"):
+        keys = {"image_key": args.image_key, "caption_key": args.caption_key, "image_root": args.image_root,
+                "sep": args.sep}
+        if args.action == "inspect":
+            summary = write.inspect(args.input, args.show, **keys)
+        else:
+            summary = write.convert(args.input, args.out, args.format, args.shard_size, args.split,
+                                    images=args.images, **keys)
     elif args.source == "coco":
-        if args.format != "wds" or not (args.json and args.images):
-            raise UserError("mml data write coco writes shards (--format wds) and needs --json FILE --images DIR.")
-        summary = write.write_shards(write.coco_pairs(args.json, args.images), args.out, args.shard_size)
-    elif args.format == "wds":
-        pairs = write.shapes_pairs(args.split, args.num, args.seed, args.image_size, args.image_format)
-        summary = write.write_shards(pairs, args.out, args.shard_size)
+        if args.format not in write.WRITERS[:3] or not (args.json and args.images):
+            raise UserError("mml data write coco writes wds, parquet or csv and needs --json FILE --images DIR.")
+        summary = write.write_pairs(write.coco_pairs(args.json, args.images), args.out, args.format, args.shard_size,
+                                    args.split)
+    elif args.format == "vqav2":
+        summary = write.write_vqav2(args.split, args.num, args.seed, args.image_size, args.out)
     else:
-        writer = write.write_coco if args.format == "coco" else write.write_vqav2
-        summary = writer(args.split, args.num, args.seed, args.image_size, args.out)
+        pairs = write.shapes_pairs(args.split, args.num, args.seed, args.image_size, args.image_format)
+        summary = write.write_pairs(pairs, args.out, args.format, args.shard_size, args.split)
     print(json.dumps(summary, indent=2))
-    if summary.get("problems"):  # scripts and CI see a damaged shard set by the exit code
+    if summary.get("problems") and args.action == "inspect":  # scripts and CI see damaged data by the exit code
         print(f"mml data inspect: {len(summary['problems'])} problem(s) found", file=sys.stderr)
         return 1
     return 0

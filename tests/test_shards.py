@@ -48,10 +48,14 @@ class RecordingCLIP(CLIPTask):
 '''
 
 
+def model_overrides(minilm: Path) -> list[str]:
+    return [*tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16", "scheduler.warmup_steps=2",
+            "trainer.log_every_n_steps=2", "trainer.num_sanity_val_steps=0"]
+
+
 def wds_overrides(minilm: Path, train: Path, val: Path) -> list[str]:
-    return [*tiny_vit(), *tiny_bert(minilm), "model.embed_dim=16", f"data.train_shards={train}",
-            f"data.val_shards={val}", f"data.test_shards={val}", "data.batch_size=10", "data.eval_batch_size=7", "data.shuffle_buffer=20",
-            "scheduler.warmup_steps=2", "trainer.log_every_n_steps=2", "trainer.num_sanity_val_steps=0"]
+    return [*model_overrides(minilm), f"data.train_shards={train}", f"data.val_shards={val}",
+            f"data.test_shards={val}", "data.batch_size=10", "data.eval_batch_size=7", "data.shuffle_buffer=20"]
 
 
 def write(source_args: list[str]) -> None:
@@ -78,9 +82,10 @@ def damage(folder: Path) -> tuple[int, int]:
     return 1, before - count_samples(str(cut))
 
 
-def run_ddp(tmp_path: Path, minilm: Path, train: Path, val: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_ddp(tmp_path: Path, overrides: list[str], *extra: str) -> subprocess.CompletedProcess:
+    """`mml fit clip-wds` on 2 ranks x 2 loader workers (gloo), recording the ids each rank sees."""
     (tmp_path / "recording.py").write_text(RECORDING_TASK)
-    cmd = [sys.executable, "-m", "mmlightning.cli", "fit", "clip-wds", *wds_overrides(minilm, train, val),
+    cmd = [sys.executable, "-m", "mmlightning.cli", "fit", "clip-wds", *overrides,
            "imports=[recording.py]", "task=clip_recording", "data.num_workers=2", "trainer.max_epochs=2",
            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "logger.name=csv", "run.name=ddp",
            *extra]
@@ -104,7 +109,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch(tmp_path: Path, m
     # 200 training samples in shards of 24 (the last has 8): 4 readers x 5 batches x 10 = all of them
     write(["train", "--num", "200", "--shard-size", "24", "--image-format", "png", "--image-size", "32"])
     write(["val", "--split", "val", "--num", "45", "--shard-size", "20", "--image-size", "32"])
-    run_ddp(tmp_path, minilm_dir, tmp_path / "train", tmp_path / "val")
+    run_ddp(tmp_path, wds_overrides(minilm_dir, tmp_path / "train", tmp_path / "val"))
     ranks = [json.loads((tmp_path / f"seen-rank{r}.json").read_text()) for r in (0, 1)]
     for epoch in (0, 1):
         batches = [seen[f"train{epoch}"] for seen in ranks]
@@ -126,7 +131,7 @@ def test_bad_samples_are_counted_exactly_and_logged(tmp_path: Path, minilm_dir: 
     write(["val", "--split", "val", "--num", "45", "--shard-size", "20", "--image-size", "32"])
     bad, lost = damage(tmp_path / "train")
     assert lost > 0
-    run_ddp(tmp_path, minilm_dir, tmp_path / "train", tmp_path / "val", "data.max_bad_fraction=0.2")
+    run_ddp(tmp_path, wds_overrides(minilm_dir, tmp_path / "train", tmp_path / "val"), "data.max_bad_fraction=0.2")
     counts = logged(tmp_path)
     assert counts["data/train_skipped_bad_image"] == bad
     assert counts["data/train_skipped_truncated"] == lost
@@ -186,7 +191,7 @@ def test_data_writes_coco_and_vqav2_the_readers_accept(tmp_path: Path, capsys: p
     assert subtype == "val2014" and len(questions) == len(annotations) > 6
     assert all(len(a["answers"]) == 10 for a in annotations)
     capsys.readouterr()
-    assert main(["data", "inspect", "coco/val2017"]) == 2  # not shards: a clear error
+    assert main(["data", "inspect", "coco/val2017"]) == 2  # neither shards nor a table: a clear error
     assert "no shards" in capsys.readouterr().err
     assert main(["data", "write", "coco", "shards", "--json", "coco/annotations/captions_val2017.json",
                  "--images", "coco/val2017", "--shard-size", "4"]) == 0

@@ -1,0 +1,333 @@
+"""Image-caption tables as they are: CSV/TSV, Parquet, ``datasets`` folders and hub datasets
+(data module ``table_captions``).
+
+Each split is one ``*_data`` value, its form told by what it is:
+
+- ``*.csv`` / ``*.tsv``: a column of image paths (relative to ``image_root``, default the
+  file's folder) and a column of captions, open_clip's convention (``--csv-img-key
+  filepath --csv-caption-key title`` is ``image_key: filepath, caption_key: title``). Rows
+  that name the same image are one image with several captions. Read into memory.
+- ``*.parquet`` files, a folder of them, a glob or brace pattern, or fsspec URLs
+  (``s3://bucket/part-*.parquet``): **streamed** by row group, never whole in memory. The image
+  column holds bytes, ``datasets``' ``Image`` struct (``{bytes, path}``) or paths; the caption
+  column a string or a list of strings.
+- a folder written by ``datasets.Dataset.save_to_disk`` (memory-mapped Arrow), or an
+  ``imagefolder`` with ``metadata.jsonl`` / ``metadata.csv`` as ``datasets`` defines it (its
+  image column is ``image``), both read through ``datasets``.
+- a hub dataset id (``owner/name``), online only: ``hub_splits`` maps the splits to the
+  dataset's split names.
+
+Every form becomes a source of ``streams.SampleStream`` (Parquet row groups, or chunks of
+``chunk_rows`` rows of an in-memory table), so epochs over ranks and workers, mid-epoch
+resume, and bad rows (missing or undecodable image, missing, empty or wrongly typed caption,
+an unreadable row group) are counted and budgeted exactly as for webdataset shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from mmlightning.data_modules.streams import BadSample, StreamedCaptionData
+from mmlightning.encoders.outputs import ImageConfig
+from mmlightning.errors import UserError
+from mmlightning.registry import DATA_MODULES
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+LOCAL_FORMS = ("a .csv/.tsv file, .parquet file(s) or a folder of them, a folder written by "
+               "datasets' save_to_disk, or an imagefolder with metadata.jsonl/metadata.csv")
+
+
+# ---------------------------------------------------------------------- one row
+def row_captions(value: Any, where: str, column: str) -> list[str]:
+    if value is None:
+        raise BadSample("missing_caption", where, f"{column!r} is empty (null)")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+        kind = type(value).__name__ if not isinstance(value, (list, tuple)) else "list holding non-strings"
+        raise BadSample("bad_caption", where, f"{column!r} is a {kind}, not a string or a list of strings")
+    captions = [c.strip() for c in value if c.strip()]
+    if not captions:
+        raise BadSample("empty_caption", where)
+    return captions
+
+
+def row_image(value: Any, where: str, column: str, root: str) -> bytes:
+    """Bytes from a bytes cell, ``datasets``' Image struct ``{bytes, path}`` or a path (relative
+    paths under ``root``)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if value is None or value == "":
+        raise BadSample("missing_image", where, f"{column!r} is empty")
+    if not isinstance(value, str):
+        raise BadSample("bad_image", where, f"{column!r} is a {type(value).__name__}, not bytes or a path")
+    path = value if "://" in value or os.path.isabs(value) else os.path.join(root, value)
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise BadSample("missing_image", where, f"no file {path}") from None
+
+
+class TableRows:
+    """What every table source shares: a row is ``{image_key: ..., caption_key: ...}``."""
+
+    def __init__(self, image_key: str, caption_key: str, image_root: str) -> None:
+        self.image_key, self.caption_key, self.image_root = image_key, caption_key, image_root
+
+    def parse(self, row: dict[str, Any], where: str) -> tuple[bytes, list[str]]:
+        captions = row_captions(row.get(self.caption_key), where, self.caption_key)
+        return row_image(row.get(self.image_key), where, self.image_key, self.image_root), captions
+
+
+def check_columns(columns: list[str], wanted: dict[str, str], what: str, key: str) -> None:
+    for recipe_key, column in wanted.items():
+        if column not in columns:
+            raise UserError(f"{key}: {what} has no column {column!r} (data.{recipe_key}); its columns are "
+                            f"{', '.join(map(repr, columns))}.")
+
+
+# ---------------------------------------------------------------------- Parquet, streamed
+def expand_parquet(spec: str | list[str], key: str) -> list[str]:
+    """Parquet files from a file, a folder (``*.parquet`` inside, recursively), a glob or
+    brace pattern, fsspec URLs, or a list of these."""
+    from braceexpand import braceexpand
+
+    files: list[str] = []
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        for one in braceexpand(str(item)):
+            if "://" in one:
+                files.append(one)
+            elif Path(one).is_dir():
+                files += sorted(str(p) for p in Path(one).rglob("*.parquet"))
+            elif any(c in one for c in "*?["):
+                files += sorted(glob.glob(one, recursive=True))
+            elif Path(one).is_file():
+                files.append(one)
+            else:
+                raise UserError(f"{key}: {one!r} does not exist.")
+    if not files:
+        raise UserError(f"{key}: no .parquet files in {spec!r}.")
+    return files
+
+
+def open_parquet(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    if "://" in path:
+        import fsspec
+
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
+    return pq.ParquetFile(path)
+
+
+class ParquetSource(TableRows):
+    """Parquet row groups as the units of a sample stream: a reader reads one row group's two
+    columns at a time."""
+
+    def __init__(self, files: list[str], key: str, image_key: str, caption_key: str, image_root: str | None) -> None:
+        import pyarrow as pa
+
+        super().__init__(image_key, caption_key, image_root or "")
+        self.damage = (OSError, pa.ArrowException)
+        self.units: list[tuple[str, int, int]] = []  # (file, row group, first row of the group in its file)
+        self.names, self.sizes = [], []
+        for path in files:
+            try:
+                file = open_parquet(path)
+                meta = file.metadata
+            except (OSError, pa.ArrowException) as err:
+                raise UserError(f"{key}: {path} is not a readable Parquet file ({err}).") from None
+            check_columns(file.schema_arrow.names, {"image_key": image_key, "caption_key": caption_key}, path, key)
+            first = 0
+            for group in range(meta.num_row_groups):
+                rows = meta.row_group(group).num_rows
+                self.units.append((path, group, first))
+                self.names.append(f"{path} row group {group}")
+                self.sizes.append(rows)
+                first += rows
+
+    def read(self, unit: int, first: int, end: int) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        path, group, row0 = self.units[unit]
+        table = open_parquet(path).read_row_group(group, columns=[self.image_key, self.caption_key])
+        root = self.image_root or (path.rsplit("/", 1)[0] if "/" in path else ".")
+        rows = table.slice(first, end - first).to_pylist()
+        for offset, row in enumerate(rows):
+            yield first + offset, f"{path} row {row0 + first + offset}", {**row, "__root__": root}
+
+    def parse(self, row: dict[str, Any], where: str) -> tuple[bytes, list[str]]:
+        captions = row_captions(row.get(self.caption_key), where, self.caption_key)
+        return row_image(row.get(self.image_key), where, self.image_key, row["__root__"]), captions
+
+
+# ---------------------------------------------------------------------- in-memory tables
+class MemorySource(TableRows):
+    """A table held in memory (or memory-mapped by Arrow), cut into chunks of ``chunk_rows``."""
+
+    damage = (OSError,)
+
+    def __init__(self, name: str, num_rows: int, rows: Callable[[int, int], list[dict[str, Any]]],
+                 where: Callable[[int], str], image_key: str, caption_key: str, image_root: str,
+                 chunk_rows: int) -> None:
+        super().__init__(image_key, caption_key, image_root)
+        self.rows, self.where, self.chunk_rows = rows, where, chunk_rows
+        starts = range(0, num_rows, chunk_rows)
+        self.sizes = [min(chunk_rows, num_rows - s) for s in starts]
+        self.names = [f"{name} rows {s}-{s + n - 1}" for s, n in zip(starts, self.sizes)]
+
+    def read(self, unit: int, first: int, end: int) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        start = unit * self.chunk_rows
+        for offset, row in enumerate(self.rows(start + first, start + end)):
+            yield first + offset, self.where(start + first + offset), row
+
+
+def csv_source(path: Path, key: str, image_key: str, caption_key: str, image_root: str | None, sep: str | None,
+               chunk_rows: int) -> MemorySource:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
+    try:  # every cell a string: a caption of digits stays a caption
+        head = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=sep)).schema.names
+        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=sep),
+                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in head},
+                                                                    include_columns=[c for c in (image_key, caption_key) if c in head]))
+    except pa.ArrowException as err:
+        raise UserError(f"{key}: {path} is not a readable {'TSV' if sep == chr(9) else 'CSV'} file ({err}).") from None
+    check_columns(head, {"image_key": image_key, "caption_key": caption_key}, str(path), key)
+    images, captions = table.column(image_key).to_pylist(), table.column(caption_key).to_pylist()
+    grouped: dict[Any, int] = {}  # image path -> its row in the grouped table
+    rows: list[dict[str, Any]] = []
+    first_line: list[int] = []
+    for line, (image, caption) in enumerate(zip(images, captions)):
+        at = grouped.setdefault(image, len(rows)) if image else len(rows)
+        if at == len(rows):
+            rows.append({image_key: image, caption_key: []})
+            first_line.append(line)
+        if caption is not None:
+            rows[at][caption_key].append(caption)
+    return MemorySource(str(path), len(rows), lambda a, b: rows[a:b],
+                        lambda i: f"{path} line {first_line[i] + 2} ({rows[i][image_key]})", image_key, caption_key,
+                        image_root or str(path.parent), chunk_rows)
+
+
+def datasets_source(dataset: Any, name: str, key: str, image_key: str, caption_key: str, image_root: str | None,
+                    chunk_rows: int) -> MemorySource:
+    """A ``datasets.Dataset``: images undecoded (``Image(decode=False)`` gives ``{bytes, path}``)."""
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, dict)):
+        raise UserError(f"{key}: {name} holds splits {', '.join(map(repr, dataset))}; give one split's folder "
+                        f"(e.g. {name}/{next(iter(dataset))}).")
+    check_columns(dataset.column_names, {"image_key": image_key, "caption_key": caption_key}, name, key)
+    if isinstance(dataset.features[image_key], datasets.Image):
+        dataset = dataset.cast_column(image_key, datasets.Image(decode=False))
+    dataset = dataset.select_columns([image_key, caption_key])
+
+    def rows(a: int, b: int) -> list[dict[str, Any]]:
+        columns = dataset[a:b]
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+    return MemorySource(name, len(dataset), rows, lambda i: f"{name} row {i}", image_key, caption_key,
+                        image_root or name, chunk_rows)
+
+
+def table_kind(spec: Any) -> str:
+    """parquet | csv | save_to_disk | imagefolder | hub, from what ``spec`` is."""
+    if not isinstance(spec, str):
+        return "parquet"  # a list of Parquet files or patterns
+    path = Path(spec)
+    if "://" in spec or spec.endswith(".parquet") or any(c in spec for c in "*?[{"):
+        return "parquet"
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv", ".tab"):
+            return "csv"
+        raise UserError(f"{spec!r}: not a table this reader knows ({LOCAL_FORMS}).")
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "save_to_disk"
+        if any(path.rglob("metadata.jsonl")) or any(path.rglob("metadata.csv")):
+            return "imagefolder"
+        if any(path.rglob("*.parquet")):
+            return "parquet"
+        raise UserError(f"{spec!r}: a folder, but none of {LOCAL_FORMS}.")
+    if HUB_ID.match(spec) and not spec.startswith("."):
+        return "hub"
+    raise UserError(f"{spec!r} does not exist; give {LOCAL_FORMS}, or a hub dataset id (owner/name).")
+
+
+def open_table(spec: Any, key: str, image_key: str, caption_key: str, image_root: str | None = None,
+               sep: str | None = None, hub_split: str = "train", chunk_rows: int = 1000) -> ParquetSource | MemorySource:
+    """The source for one split's ``spec`` (see the module docstring); ``key`` names it in errors."""
+    kind = table_kind(spec)
+    if kind == "parquet":
+        return ParquetSource(expand_parquet(spec, key), key, image_key, caption_key, image_root)
+    if kind == "csv":
+        return csv_source(Path(spec), key, image_key, caption_key, image_root, sep, chunk_rows)
+    import datasets
+
+    if kind == "save_to_disk":
+        dataset = datasets.load_from_disk(spec)
+    elif kind == "imagefolder":
+        dataset = datasets.load_dataset("imagefolder", data_dir=spec, split="train")
+    else:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise UserError(f"{key}: {spec!r} would be a hub dataset, but the hub is offline (HF_HUB_OFFLINE=1). "
+                            f"Give a local form: {LOCAL_FORMS}.")
+        try:
+            dataset = datasets.load_dataset(spec, split=hub_split)
+        except Exception as err:  # noqa: BLE001  (network, auth, a missing split: all end here)
+            raise UserError(f"{key}: cannot load hub dataset {spec!r} split {hub_split!r}: "
+                            f"{str(err).splitlines()[0]}. Local forms: {LOCAL_FORMS}.") from None
+    return datasets_source(dataset, str(spec), key, image_key, caption_key, image_root, chunk_rows)
+
+
+def image_format(data: bytes) -> str:
+    """jpg | png | webp | bmp: what the bytes are, for writers that name files by it."""
+    from PIL import Image
+
+    found = Image.open(io.BytesIO(data)).format or "PNG"
+    return {"JPEG": "jpg", "MPO": "jpg"}.get(found, found.lower())
+
+
+@DATA_MODULES.register("table_captions")
+class TableCaptionData(StreamedCaptionData):
+    """Image-caption pairs from CSV/TSV, Parquet, ``datasets`` folders or a hub dataset, for
+    CLIP and captioning recipes (see the module docstring for the forms and keys)."""
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, train_data: Any,
+                 val_data: Any = None, test_data: Any = None, image_key: str = "image", caption_key: str = "caption",
+                 image_root: str | None = None, sep: str | None = None, chunk_rows: int = 1000,
+                 hub_splits: dict[str, str] | None = None, mode: str = "epochs", samples_per_epoch: int | None = None,
+                 batch_size: int = 256, eval_batch_size: int = 256, num_workers: int = 4, shuffle_buffer: int = 1000,
+                 max_bad_fraction: float = 0.01, strict: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0),
+                 shuffle_seed: int = 0) -> None:
+        specs = {"train": train_data, "val": val_data, "test": test_data}
+        super().__init__(tokenizer, max_length, image_config, specs, {split: f"{split}_data" for split in specs},
+                         mode, samples_per_epoch, batch_size, eval_batch_size, num_workers, shuffle_buffer,
+                         max_bad_fraction, strict, crop_scale, shuffle_seed)
+        if chunk_rows < 1:
+            raise UserError(f"data.chunk_rows must be >= 1, got {chunk_rows}.")
+        self.image_key, self.caption_key, self.image_root, self.sep = image_key, caption_key, image_root, sep
+        self.chunk_rows = chunk_rows
+        self.hub_splits = {"train": "train", "val": "validation", "test": "test", **(hub_splits or {})}
+        for split, spec in specs.items():  # a mistyped path fails now, not after training
+            if spec:
+                table_kind(spec)
+
+    def open_source(self, split: str) -> ParquetSource | MemorySource:
+        return open_table(self.specs[split], f"data.{split}_data", self.image_key, self.caption_key, self.image_root,
+                          self.sep, self.hub_splits[split], self.chunk_rows)
