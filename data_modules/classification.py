@@ -7,7 +7,8 @@ Four sources, one behaviour:
 - ``shapes_objects``: one-object scenes of the shapes world, labelled (size, colour, shape);
 - ``image_folder``: ``ROOT/<class>/*`` (split per class by a seeded draw) or
   ``ROOT/train|val|test/<class>/*`` (used as given);
-- ``image_csv``: a CSV with an image-path column and a label column (and optionally a split column).
+- ``image_table``: a table (CSV/TSV, Parquet, ``datasets`` folder) with an image column and a label
+  column (and optionally a split column).
 
 Every one of them takes ``shots: k`` (k training images per class, drawn by ``shot_seed``
 as ``mml eval``'s few-shot probes draw them), ``class_subset: base | new`` (CoCoOp's
@@ -19,7 +20,7 @@ names and prompt templates.
 
 from __future__ import annotations
 
-import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_world as world
@@ -35,6 +37,8 @@ from mmlightning.data_modules.base import LabelledImages, ZeroShotSpec
 from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import SplitDataModule, normalize_uint8
 from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, class_folders, image_files
+from mmlightning.data_modules.streams import BadSample
+from mmlightning.data_modules.tables import read_rows, row_image
 from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
@@ -48,11 +52,12 @@ CLASS_SUBSETS = ("all", "base", "new")
 @dataclass
 class Split:
     """One split before it becomes a dataset: images in memory (uint8 (N,H,W,3) at their own
-    size) or image files, and a label per image."""
+    size) or image files (paths, or the encoded bytes of a table's image cells), and a label
+    per image."""
 
     labels: np.ndarray
     pixels: torch.Tensor | None = None
-    files: list[Path] | None = None
+    files: list[Path | bytes] | None = None
 
     def subset(self, rows: np.ndarray) -> Split:
         return Split(self.labels[rows], None if self.pixels is None else self.pixels[rows],
@@ -80,6 +85,12 @@ class InMemoryImages(Dataset):
         return {"image": normalize_uint8(images, self.image_config), "label": self.labels[idx], "sample_id": idx}
 
 
+def open_image(file: Path | bytes) -> Image.Image:
+    if isinstance(file, bytes):
+        return Image.open(io.BytesIO(file)).convert("RGB")
+    return load_image(file)
+
+
 class FileImages(Dataset):
     """Image files decoded per sample; training crops at random with each sample's own seed."""
 
@@ -93,7 +104,7 @@ class FileImages(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [int(i) % len(self.labels) for i in indices]
-        images = [apply_transform(self.transform, load_image(self.files[r]), i) for r, i in zip(rows, indices)]
+        images = [apply_transform(self.transform, open_image(self.files[r]), i) for r, i in zip(rows, indices)]
         idx = torch.as_tensor(rows)
         return {"image": torch.stack(images), "label": self.labels[idx], "sample_id": idx}
 
@@ -313,60 +324,59 @@ class ImageFolderData(ClassificationData):
                                                       for s, r in rows.items()}
 
 
-@DATA_MODULES.register("image_csv")
-class ImageCSVData(ClassificationData):
-    """A CSV (or TSV: ``delimiter: "\\t"``) with one row per image: ``path_column`` (relative
-    to ``image_root``, default the CSV's folder) and ``label_column`` (a class name). ``classes``
-    lists the class names in order (default: the labels found, sorted); ``split_column``
-    (values train/val/test) or else a stratified draw as for image folders."""
+@DATA_MODULES.register("image_table")
+class ImageTableData(ClassificationData):
+    """A table with one row per image, in any form ``table_captions`` reads (CSV/TSV, Parquet,
+    a ``save_to_disk`` or imagefolder folder, a hub id online): ``image_key`` (bytes, the
+    ``datasets`` Image struct, or a path relative to ``image_root``, default the table's folder)
+    and ``label_key`` (a class name, or a class index into ``classes``). ``classes`` lists the
+    class names in order (default: the labels found, sorted); ``split_key`` (values
+    train/val/test) or else a stratified draw as for image folders."""
 
-    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, csv_path: str = "",
-                 image_root: str | None = None, path_column: str = "filepath", label_column: str = "label",
-                 split_column: str | None = None, classes: list[str] | None = None, delimiter: str = ",",
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, table: str = "",
+                 image_key: str = "image", label_key: str = "label", split_key: str | None = None,
+                 classes: list[str] | None = None, image_root: str | None = None, sep: str | None = None,
                  test_fraction: float = 0.2, val_fraction: float = 0.1, split_seed: int = 0, **kwargs: Any) -> None:
-        self.csv_path = Path(csv_path)
-        self.image_root = Path(image_root) if image_root else self.csv_path.parent
-        self.columns, self.split_column, self.classes, self.delimiter = (path_column, label_column), split_column, classes, delimiter
-        self.fractions, self.split_seed = {"test": test_fraction, "val": val_fraction}, split_seed
+        if not table:
+            raise UserError("data.table: name the table (a .csv/.tsv or .parquet file, a folder of Parquet, a "
+                            "save_to_disk or imagefolder folder).")
+        self.table, self.image_root, self.sep = table, image_root, sep
+        self.keys = {"image_key": image_key, "label_key": label_key, **({"split_key": split_key} if split_key else {})}
+        self.classes, self.fractions, self.split_seed = classes, {"test": test_fraction, "val": val_fraction}, split_seed
         super().__init__(tokenizer, max_length, image_config, **kwargs)
 
     @property
     def name(self) -> str:
-        return self.csv_path.stem
+        return Path(str(self.table)).stem
 
     def read(self) -> tuple[list[str], dict[str, Split]]:
-        if not self.csv_path.is_file():
-            raise UserError(f"data.csv_path: {str(self.csv_path)!r} does not exist.")
-        with self.csv_path.open(newline="") as f:
-            reader = csv.DictReader(f, delimiter=self.delimiter)
-            wanted = [*self.columns, *([self.split_column] if self.split_column else [])]
-            missing = [c for c in wanted if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserError(f"{self.csv_path}: no column {missing[0]!r}; its columns: {reader.fieldnames}.")
-            rows = list(reader)
-        labels_text = [r[self.columns[1]].strip() for r in rows]
-        classes = list(self.classes) if self.classes else sorted(set(labels_text))
+        rows, where, root = read_rows(self.table, "data.table", self.keys, self.sep)
+        root = self.image_root or root
+        image_key, label_key, split_key = self.keys["image_key"], self.keys["label_key"], self.keys.get("split_key")
+        labels_text = [str(r[label_key]).strip() if r[label_key] is not None else "" for r in rows]
+        found = sorted(set(labels_text), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+        classes = list(self.classes) if self.classes else found
         index = {c: i for i, c in enumerate(classes)}
-        for line, (row, label) in enumerate(zip(rows, labels_text), start=2):  # line 1 is the header
+        if self.classes and all(c.isdigit() for c in found) and not set(found) & set(classes):
+            index = {str(i): i for i in range(len(classes))}  # labels are class indices
+        images: list[bytes] = []
+        for row, label, at in zip(rows, labels_text, where):
             if label not in index:
-                raise UserError(f"{self.csv_path}, line {line}: label {label!r} is not one of data.classes "
-                                f"({', '.join(classes)}).")
-            path = self.image_root / row[self.columns[0]]
-            if not path.is_file():
-                raise UserError(f"{self.csv_path}, line {line}: image {str(path)!r} does not exist.")
-            if self.split_column and row[self.split_column] not in SPLITS:
-                raise UserError(f"{self.csv_path}, line {line}: split {row[self.split_column]!r} is not one of "
-                                f"{', '.join(SPLITS)}.")
-        files = [self.image_root / r[self.columns[0]] for r in rows]
+                raise UserError(f"{at}: label {label!r} is not one of data.classes ({', '.join(classes)}).")
+            try:
+                images.append(row_image(row[image_key], at, image_key, root))
+            except BadSample as bad:
+                raise UserError(f"data.table: {bad}") from None
+            if split_key and row[split_key] not in SPLITS:
+                raise UserError(f"{at}: split {row[split_key]!r} is not one of {', '.join(SPLITS)}.")
         labels = np.array([index[label] for label in labels_text], dtype=np.int64)
-        if self.split_column:
-            chosen = {s: np.array([i for i, r in enumerate(rows) if r[self.split_column] == s], dtype=np.int64)
-                      for s in SPLITS}
+        if split_key:
+            chosen = {s: np.array([i for i, r in enumerate(rows) if r[split_key] == s], dtype=np.int64) for s in SPLITS}
             if not len(chosen["train"]):
-                raise UserError(f"{self.csv_path}: no row has {self.split_column}=train.")
+                raise UserError(f"data.table: no row of {self.table} has {split_key}=train.")
             for s, other in (("val", "test"), ("test", "val")):
                 if not len(chosen[s]):
                     chosen[s] = chosen[other]
         else:
             chosen = split_per_class(labels, self.fractions, self.split_seed)
-        return classes, {s: Split(labels[r], files=[files[i] for i in r]) for s, r in chosen.items()}
+        return classes, {s: Split(labels[r], files=[images[i] for i in r]) for s, r in chosen.items()}

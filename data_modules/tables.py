@@ -194,25 +194,31 @@ class MemorySource(TableRows):
             yield first + offset, self.where(start + first + offset), row
 
 
-def csv_source(path: Path, key: str, image_key: str, caption_key: str, image_root: str | None, sep: str | None,
-               chunk_rows: int) -> MemorySource:
+def read_csv_columns(path: Path, key: str, wanted: dict[str, str], sep: str | None) -> dict[str, list[Any]]:
+    """The ``wanted`` columns (recipe key -> column) of a CSV/TSV, every cell a string (a caption
+    or label of digits stays text); empty cells are ''."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    try:  # every cell a string: a caption of digits stays a caption
-        head = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=sep)).schema.names
-        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=sep),
-                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in head},
-                                                                    include_columns=[c for c in (image_key, caption_key) if c in head]))
+    options = pacsv.ParseOptions(delimiter=sep)
+    try:
+        head = pacsv.open_csv(path, parse_options=options).schema.names
+        check_columns(head, wanted, str(path), key)
+        table = pacsv.read_csv(path, parse_options=options, convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in head}, include_columns=list(wanted.values())))
     except pa.ArrowException as err:
         raise UserError(f"{key}: {path} is not a readable {'TSV' if sep == chr(9) else 'CSV'} file ({err}).") from None
-    check_columns(head, {"image_key": image_key, "caption_key": caption_key}, str(path), key)
-    images, captions = table.column(image_key).to_pylist(), table.column(caption_key).to_pylist()
+    return {column: table.column(column).to_pylist() for column in wanted.values()}
+
+
+def csv_source(path: Path, key: str, image_key: str, caption_key: str, image_root: str | None, sep: str | None,
+               chunk_rows: int) -> MemorySource:
+    columns = read_csv_columns(path, key, {"image_key": image_key, "caption_key": caption_key}, sep)
     grouped: dict[Any, int] = {}  # image path -> its row in the grouped table
     rows: list[dict[str, Any]] = []
     first_line: list[int] = []
-    for line, (image, caption) in enumerate(zip(images, captions)):
+    for line, (image, caption) in enumerate(zip(columns[image_key], columns[caption_key])):
         at = grouped.setdefault(image, len(rows)) if image else len(rows)
         if at == len(rows):
             rows.append({image_key: image, caption_key: []})
@@ -222,6 +228,24 @@ def csv_source(path: Path, key: str, image_key: str, caption_key: str, image_roo
     return MemorySource(str(path), len(rows), lambda a, b: rows[a:b],
                         lambda i: f"{path} line {first_line[i] + 2} ({rows[i][image_key]})", image_key, caption_key,
                         image_root or str(path.parent), chunk_rows)
+
+
+def load_with_datasets(kind: str, spec: str, key: str, hub_split: str) -> Any:
+    """save_to_disk folders, imagefolders and hub ids, through the ``datasets`` library."""
+    import datasets
+
+    if kind == "save_to_disk":
+        return datasets.load_from_disk(spec)
+    if kind == "imagefolder":
+        return datasets.load_dataset("imagefolder", data_dir=spec, split="train")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(f"{key}: {spec!r} would be a hub dataset, but the hub is offline (HF_HUB_OFFLINE=1). "
+                        f"Give a local form: {LOCAL_FORMS}.")
+    try:
+        return datasets.load_dataset(spec, split=hub_split)
+    except Exception as err:  # noqa: BLE001  (network, auth, a missing split: all end here)
+        raise UserError(f"{key}: cannot load hub dataset {spec!r} split {hub_split!r}: "
+                        f"{str(err).splitlines()[0]}. Local forms: {LOCAL_FORMS}.") from None
 
 
 def datasets_source(dataset: Any, name: str, key: str, image_key: str, caption_key: str, image_root: str | None,
@@ -277,22 +301,45 @@ def open_table(spec: Any, key: str, image_key: str, caption_key: str, image_root
         return ParquetSource(expand_parquet(spec, key), key, image_key, caption_key, image_root)
     if kind == "csv":
         return csv_source(Path(spec), key, image_key, caption_key, image_root, sep, chunk_rows)
+    dataset = load_with_datasets(kind, spec, key, hub_split)
+    return datasets_source(dataset, str(spec), key, image_key, caption_key, image_root, chunk_rows)
+
+
+def read_rows(spec: Any, key: str, wanted: dict[str, str], sep: str | None = None,
+              hub_split: str = "train") -> tuple[list[dict[str, Any]], list[str], str]:
+    """Every row of a table of any form, in memory, one row per table row (no grouping): the
+    ``wanted`` columns (recipe key -> column), the rows' locations for messages, and the folder
+    relative image paths start from. For small tables (class labels, questions)."""
     import datasets
 
-    if kind == "save_to_disk":
-        dataset = datasets.load_from_disk(spec)
-    elif kind == "imagefolder":
-        dataset = datasets.load_dataset("imagefolder", data_dir=spec, split="train")
+    kind = table_kind(spec)
+    if kind == "csv":
+        columns = read_csv_columns(Path(spec), key, wanted, sep)
+        where = [f"{spec}, line {i + 2}" for i in range(len(next(iter(columns.values()))))]
+        root = str(Path(spec).parent)
+    elif kind == "parquet":
+        files = expand_parquet(spec, key)
+        columns, where = {c: [] for c in wanted.values()}, []
+        for path in files:
+            file = open_parquet(path)
+            check_columns(file.schema_arrow.names, wanted, path, key)
+            table = file.read(columns=list(wanted.values()))
+            for c in wanted.values():
+                columns[c] += table.column(c).to_pylist()
+            where += [f"{path} row {i}" for i in range(table.num_rows)]
+        root = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
     else:
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise UserError(f"{key}: {spec!r} would be a hub dataset, but the hub is offline (HF_HUB_OFFLINE=1). "
-                            f"Give a local form: {LOCAL_FORMS}.")
-        try:
-            dataset = datasets.load_dataset(spec, split=hub_split)
-        except Exception as err:  # noqa: BLE001  (network, auth, a missing split: all end here)
-            raise UserError(f"{key}: cannot load hub dataset {spec!r} split {hub_split!r}: "
-                            f"{str(err).splitlines()[0]}. Local forms: {LOCAL_FORMS}.") from None
-    return datasets_source(dataset, str(spec), key, image_key, caption_key, image_root, chunk_rows)
+        dataset = load_with_datasets(kind, spec, key, hub_split)
+        if isinstance(dataset, (datasets.DatasetDict, dict)):
+            raise UserError(f"{key}: {spec} holds splits {', '.join(map(repr, dataset))}; give one split's folder.")
+        check_columns(dataset.column_names, wanted, str(spec), key)
+        for column in wanted.values():
+            if isinstance(dataset.features[column], datasets.Image):
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        columns = {c: dataset[c] for c in wanted.values()}
+        where, root = [f"{spec} row {i}" for i in range(len(dataset))], str(spec)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return rows, where, root
 
 
 def image_format(data: bytes) -> str:

@@ -71,8 +71,8 @@ def test_bad_input_row(what: str, command: str, message: str, tmp_path: Path, mi
               "caption-coco": [*tiny_vit(), "model.decoder.config={n_layer: 1, n_embd: 32, n_head: 2}",
                                f"model.decoder.tokenizer={minilm_dir}"]}.get(words[recipe_at], [])
     args = [*words[:recipe_at + 1], *shrink, *words[recipe_at + 1:], "logger.name=none"]
-    if "--resume" in words or words[0] in ("export", "wise-ft"):
-        args = words  # a resumed run takes its recipe from the run; export and wise-ft take no overrides
+    if "--resume" in words or words[0] in ("export", "wise-ft", "data"):
+        args = words  # a resumed run takes its recipe from the run; export, wise-ft and data take no overrides
     # in this process (a fresh one per row would spend ~10 s importing torch and friends):
     # main() is what the `mml` entry point runs, exit code and stderr included
     monkeypatch.chdir(tmp_path)

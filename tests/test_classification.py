@@ -73,7 +73,7 @@ def test_base_and_new_classes_partition_the_classes() -> None:
     assert set(new.splits["test"].labels) == set(range(5))  # relabelled from 0
 
 
-def test_image_folder_layouts_and_csv(tmp_path: Path) -> None:
+def test_image_folder_layouts_and_tables(tmp_path: Path) -> None:
     flat = write_folder(tmp_path / "flat", {"cat": 10, "golden_retriever": 10})
     given = tmp_path / "given"
     write_folder(given / "train", {"cat": 4, "dog": 4})
@@ -92,9 +92,23 @@ def test_image_folder_layouts_and_csv(tmp_path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["filepath", "label", "split"])
         writer.writeheader()
         writer.writerows(rows)
-    _, _, data = built("classify-digits", [*common, "data.name=image_csv", f"data.csv_path={tmp_path / 'labels.csv'}",
-                                           "data.split_column=split"])
+    _, _, data = built("classify-digits", [*common, "data.name=image_table", f"data.table={tmp_path / 'labels.csv'}",
+                                           "data.image_key=filepath", "data.split_key=split"])
     assert data.classnames == ["cat", "golden_retriever"] and len(data.splits["test"].labels) == 6
+    # the same images as bytes in Parquet, labels as class indices (as datasets' ClassLabel stores them)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"img": [(tmp_path / r["filepath"]).read_bytes() for r in rows],
+                      "y": [int(r["label"] != "cat") for r in rows], "split": [r["split"] for r in rows]})
+    pq.write_table(table, tmp_path / "labels.parquet")
+    _, _, data = built("classify-digits", [*common, "data.name=image_table", f"data.table={tmp_path / 'labels.parquet'}",
+                                           "data.image_key=img", "data.label_key=y", "data.split_key=split",
+                                           "data.classes=[cat, golden retriever]"])
+    assert data.classnames == ["cat", "golden retriever"] and data.splits["train"].labels.tolist() == [0] * 7 + [1] * 7
+    data.setup("fit")
+    from_bytes = data.train_dataloader().dataset.__getitems__([0, 13])
+    assert from_bytes["image"].shape == (2, 3, 32, 32) and from_bytes["label"].tolist() == [0, 1]
 
 
 # ---------------------------------------------------------------------- classify task

@@ -39,7 +39,7 @@ def class_names(datamodule: Any, task: str) -> tuple[list[str], list[str]]:
     if spec is None:
         raise UserError(f"task {task} needs data with classes (class names and prompt templates); data module "
                         f"{type(datamodule).__name__} has none. Data modules that have them: digits, "
-                        f"shapes_objects, image_folder, image_csv.")
+                        f"shapes_objects, image_folder, image_table.")
     return list(spec.classnames), list(spec.templates)
 
 
