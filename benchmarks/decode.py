@@ -1,7 +1,9 @@
 """Decoded + augmented images per second per loader worker: mmlightning's shard reader
 (``data_modules/shards.py``) vs open_clip's webdataset pipeline (``open_clip_train.data.
 get_wds_dataset``), on the same shards, with the same image transform (random resized crop
-to 224, normalise) and the same tokenizer.
+to 224, normalise) and the same tokenizer; and mmlightning's table reader
+(``data_modules/tables.py``) on the same photos as Parquet (image bytes, row groups of
+``--per-shard`` rows) and as CSV (image files), with its ratio to the shard reader.
 
     python benchmarks/decode.py --images 768 --batch-size 64 --repeats 3
 
@@ -87,19 +89,29 @@ def loader_workers_fork() -> None:
     multiprocessing.set_start_method("fork", force=True)
 
 
-def ours(folder: str, batch_size: int) -> float:
+def ours(folder: str, batch_size: int, form: str = "shards") -> float:
+    """mmlightning's sample stream over the shards, or over the same photos as Parquet or CSV."""
     import torch
 
     loader_workers_fork()
     from mmlightning.data_modules.shards import ShardSource, expand_shards
     from mmlightning.data_modules.streams import SampleStream, StreamLoader
+    from mmlightning.data_modules.tables import open_table
 
     torch.set_num_threads(1)
-    urls = expand_shards(folder, "shards")
-    stream = SampleStream(ShardSource(urls), True, batch_size, tokenizer(), 32, image_config(), seed=0,
-                         shuffle_buffer=256)
+    source = ShardSource(expand_shards(folder, "shards")) if form == "shards" else \
+        open_table(f"{folder}/parquet" if form == "parquet" else f"{folder}/csv/captions.csv", "table", "image", "caption")
+    stream = SampleStream(source, True, batch_size, tokenizer(), 32, image_config(), seed=0, shuffle_buffer=256)
     seconds, images = timed(StreamLoader(stream, epoch=lambda: 0, batches_done=lambda: 0, num_workers=1))
     return images / seconds
+
+
+def ours_parquet(folder: str, batch_size: int) -> float:
+    return ours(folder, batch_size, "parquet")
+
+
+def ours_csv(folder: str, batch_size: int) -> float:
+    return ours(folder, batch_size, "csv")
 
 
 def open_clip(folder: str, batch_size: int) -> float:
@@ -165,7 +177,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         write_shards(Path(folder), args.images, args.per_shard)
-        results = interleaved({"open_clip": open_clip, "mmlightning": ours}, args.repeats, folder, args.batch_size)
+        from mmlightning.data_modules.write import convert
+
+        convert(folder, f"{folder}/parquet", "parquet", shard_size=args.per_shard)  # the same bytes, row groups
+        convert(folder, f"{folder}/csv", "csv")  # of --per-shard rows; CSV: image files + captions.csv
+        sides = {"open_clip": open_clip, "mmlightning": ours, "parquet": ours_parquet, "csv": ours_csv}
+        results = interleaved(sides, args.repeats, folder, args.batch_size)
         paths = decode_paths(folder)
     print(machine_line())
     print(f"{args.images} JPEG photos (512 px short side) in {args.images // args.per_shard} shards, batch "
@@ -175,6 +192,8 @@ def main() -> None:
         medians[name] = statistics.median(rates)
         print(f"{name:<12} {medians[name]:.1f} images/s per worker  (repeats: {', '.join(f'{r:.1f}' for r in rates)})")
     print(f"decode ratio (mmlightning / open_clip) {medians['mmlightning'] / medians['open_clip']:.3f}")
+    for form in ("parquet", "csv"):  # mmlightning's table reader on the same photos, vs its shard reader
+        print(f"{form} ratio ({form} / shards, goal >= 0.9) {medians[form] / medians['mmlightning']:.3f}")
     print("decode + crop paths, one thread:")
     for name, rate in paths.items():
         print(f"  {name:<26} {rate:.1f} images/s")

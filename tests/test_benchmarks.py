@@ -64,6 +64,8 @@ def test_decode_prints_ratio_and_paths() -> None:
     assert re.search(r"open_clip\s+\d+\.\d images/s per worker", out)
     assert re.search(r"decode ratio \(mmlightning / open_clip\) \d+\.\d{3}", out)
     assert "PIL, draft (reduced DCT)" in out and "torchvision decode_jpeg" in out
+    assert re.search(r"parquet ratio \(parquet / shards, goal >= 0.9\) \d+\.\d{3}", out)
+    assert re.search(r"csv ratio \(csv / shards, goal >= 0.9\) \d+\.\d{3}", out)
 
 
 @pytest.mark.slow
