@@ -29,18 +29,22 @@ EvalAI for those).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import SplitDataModule
+from mmlightning.data_modules.tables import read_rows, row_image, table_kind
 from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
@@ -211,17 +215,24 @@ def resolve(annotations: list[dict[str, Any]], path: str, key: str, index: dict[
     )
 
 
+class CocoImages:
+    """Question i's image: ``COCO_<subtype>_<image_id:012d>.jpg`` under the image folder."""
+
+    def __init__(self, root: Path, subtype: str, image_ids: list[int]) -> None:
+        self.root, self.subtype, self.image_ids = root, subtype, image_ids
+
+    def __call__(self, question: int) -> Image.Image:
+        return load_image(self.root / image_name(self.subtype, self.image_ids[question]))
+
+
 class VQAQuestions(Dataset):
-    """One item per question; ``__getitems__`` builds a whole batch (see the module doc)."""
+    """One item per question; ``__getitems__`` builds a whole batch (see the module doc).
+    ``image(i)`` opens question i's image."""
 
-    def __init__(self, split: AnnotatedSplit, questions: list[str], image_root: Path, subtype: str,
+    def __init__(self, split: AnnotatedSplit, questions: list[str], image: Callable[[int], Image.Image],
                  text: dict[str, torch.Tensor], num_answers: int, transform: Any) -> None:
-        self.split, self.questions, self.text = split, questions, text
-        self.image_root, self.subtype = image_root, subtype
+        self.split, self.questions, self.text, self.image = split, questions, text, image
         self.num_answers, self.transform = num_answers, transform
-
-    def image_path(self, image_id: int) -> Path:
-        return self.image_root / image_name(self.subtype, image_id)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -232,8 +243,7 @@ class VQAQuestions(Dataset):
         columns = mask.any(0)  # tokenized once for the whole split: drop padding no question in this batch needs
         s = self.split
         return {
-            "image": torch.stack([apply_transform(self.transform, load_image(self.image_path(image_id)), i)
-                                 for i, image_id in zip(indices, s.image_id[idx].tolist())]),
+            "image": torch.stack([apply_transform(self.transform, self.image(int(i)), i) for i in indices]),
             "input_ids": self.text["input_ids"][idx][:, columns],
             "attention_mask": mask[:, columns],
             "target": s.target.dense(idx, self.num_answers),
@@ -247,9 +257,39 @@ class VQAQuestions(Dataset):
         }
 
 
+# ------------------------------------------------------------------ the data modules
+class VQAData(SplitDataModule):
+    """What VQA data modules share: the answer vocabulary, answer types and blind answers,
+    learnt from the training annotations (VQAv2's annotation entries, however they were read),
+    and each split's answers resolved against them."""
+
+    def learn_answers(self, train: list[dict[str, Any]], num_answers: int, where: str) -> None:
+        if isinstance(num_answers, bool) or not isinstance(num_answers, int) or num_answers < 1:
+            raise UserError(f"data.num_answers must be a positive integer, got {num_answers!r}")
+        self.answers: list[str] = answer_vocabulary(train, num_answers)
+        if not self.answers:
+            raise UserError(f"{where} has no non-empty answer.")
+        self.answer_index = {a: k for k, a in enumerate(self.answers)}
+        # VQAv2's three answer types, and any other the training file uses: a subset of VQAv2
+        # may lack one in training yet have it in validation; a type with no question in a
+        # split is left out of that split's metrics
+        self.question_types: list[str] = sorted(set(VQA_ANSWER_TYPES) | {a["answer_type"] for a in train})
+        self.type_groups: dict[str, list[str]] = {}  # VQAv2's answer types need no coarser grouping
+        self.blind = blind_answers(train, self.answer_index)
+
+    def resolve_split(self, annotations: list[dict[str, Any]], path: str, key: str) -> AnnotatedSplit:
+        return resolve(annotations, path, key, self.answer_index, self.question_types, self.blind)
+
+    def questions_dataset(self, split: str, annotated: AnnotatedSplit, texts: list[str],
+                          image: Callable[[int], Image.Image]) -> VQAQuestions:
+        transform = train_transform(self.image_config) if split == "train" else eval_transform(self.image_config)
+        return VQAQuestions(annotated, texts, image, tokenize(self.tokenizer, texts, self.max_length),
+                            len(self.answers), transform)
+
+
 # ------------------------------------------------------------------ the data module
 @DATA_MODULES.register("vqav2")
-class VQAv2Data(SplitDataModule):
+class VQAv2Data(VQAData):
     """VQAv2 (or any data in its file layout) with COCO images.
 
     ``answers`` and ``question_types`` are known after ``__init__`` (it reads the training
@@ -261,8 +301,6 @@ class VQAv2Data(SplitDataModule):
                  test_questions: str | None = None, test_annotations: str | None = None, test_images: str | None = None,
                  num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0, shuffle_seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
-        if isinstance(num_answers, bool) or not isinstance(num_answers, int) or num_answers < 1:
-            raise UserError(f"data.num_answers must be a positive integer, got {num_answers!r}")
         test = {"test_questions": test_questions, "test_annotations": test_annotations, "test_images": test_images}
         given = [k for k, v in test.items() if v is not None]
         if given and len(given) < 3:
@@ -282,22 +320,12 @@ class VQAv2Data(SplitDataModule):
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
 
         train = read_annotations(train_annotations, "data.train_annotations")
-        self.answers: list[str] = answer_vocabulary(train, num_answers)
-        if not self.answers:
-            raise UserError(f"data.train_annotations: {train_annotations} has no non-empty answer.")
-        self.answer_index = {a: k for k, a in enumerate(self.answers)}
-        # VQAv2's three answer types, and any other the training file uses: a subset of VQAv2
-        # may lack one in training yet have it in validation; a type with no question in a
-        # split is left out of that split's metrics
-        self.question_types: list[str] = sorted(set(VQA_ANSWER_TYPES) | {a["answer_type"] for a in train})
-        self.type_groups: dict[str, list[str]] = {}  # VQAv2's answer types need no coarser grouping
-        self.blind = blind_answers(train, self.answer_index)
+        self.learn_answers(train, num_answers, f"data.train_annotations: {train_annotations}")
         # resolve the training annotations now, so their JSON (GBs of Python objects) is freed
         self.annotated = {"train": self._resolve(train, "train")}
 
     def _resolve(self, annotations: list[dict[str, Any]], split: str) -> AnnotatedSplit:
-        return resolve(annotations, str(self.files[split][1]), f"data.{split}_annotations", self.answer_index,
-                       self.question_types, self.blind)
+        return self.resolve_split(annotations, str(self.files[split][1]), f"data.{split}_annotations")
 
     def build_split(self, split: str) -> VQAQuestions:
         questions_path, annotations_path, image_root = self.files[split]
@@ -325,11 +353,100 @@ class VQAv2Data(SplitDataModule):
         if missing:
             raise UserError(f"data.{split}_images: {len(missing)} image file(s) named by {questions_path} are "
                               f"missing under {root}, e.g. {missing[0]}.")
-        transform = train_transform(self.image_config) if split == "train" else eval_transform(self.image_config)
-        return VQAQuestions(annotated, texts, root, subtype, tokenize(self.tokenizer, texts, self.max_length),
-                            len(self.answers), transform)
+        return self.questions_dataset(split, annotated, texts, CocoImages(root, subtype, annotated.image_id.tolist()))
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "test" and self.files["test"] == self.files["val"] and "val" in self.datasets:
             self.datasets["test"] = self.datasets["val"]  # testing on val: read it once
+        super().setup(stage)
+
+
+class ImageCells:
+    """Question i's image from a table cell: bytes, ``datasets``' Image struct, or a path."""
+
+    def __init__(self, cells: list[Any], where: list[str], column: str, root: str) -> None:
+        self.cells, self.where, self.column, self.root = cells, where, column, root
+
+    def __call__(self, question: int) -> Image.Image:
+        data = row_image(self.cells[question], self.where[question], self.column, self.root)
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def answer_type_of(answer: str) -> str:
+    """VQAv2's answer types for a table without them: yes/no, number, other."""
+    normalized = normalize_answer(answer)
+    return "yes/no" if normalized in ("yes", "no") else "number" if normalized.isdigit() else "other"
+
+
+@DATA_MODULES.register("vqa_table")
+class VQATableData(VQAData):
+    """Questions in a table of any form ``table_captions`` reads (CSV/TSV, Parquet, a
+    ``save_to_disk`` or imagefolder folder): one row per question with ``image_key`` (bytes or
+    a path relative to ``image_root``), ``question_key``, and ``answers_key`` (the annotators'
+    answers as a list, VQAv2's ten; a single string counts as ten identical answers).
+    Optional ``answer_key`` (the one answer shown in sample tables, VQAv2's
+    multiple_choice_answer; default the most common of the answers), ``answer_type_key``
+    (yes/no, number, other: derived from the answers when absent) and ``question_type_key`` (the fine type the blind baseline groups by; default the answer
+    type). Batches, vocabulary and metrics are those of ``vqav2``; rows that share an image
+    cell share an ``image_id``."""
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, train_data: str,
+                 val_data: str, test_data: str | None = None, image_key: str = "image", question_key: str = "question",
+                 answers_key: str = "answers", answer_key: str | None = None, answer_type_key: str | None = None,
+                 question_type_key: str | None = None, image_root: str | None = None, sep: str | None = None,
+                 num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0,
+                 shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        self.specs = {"train": train_data, "val": val_data, "test": test_data or val_data}
+        for split in ("train", "val"):
+            if not self.specs[split]:
+                raise UserError(f"data.{split}_data: name the table of {split} questions.")
+            table_kind(self.specs[split])  # a typo fails now
+        self.keys = {"image_key": image_key, "question_key": question_key, "answers_key": answers_key,
+                     **({"answer_key": answer_key} if answer_key else {}),
+                     **({"answer_type_key": answer_type_key} if answer_type_key else {}),
+                     **({"question_type_key": question_type_key} if question_type_key else {})}
+        self.image_root, self.sep = image_root, sep
+        self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
+        self.tables = {"train": self.read_table("train")}
+        self.learn_answers(self.tables["train"][0], num_answers, f"data.train_data: {train_data}")
+
+    def read_table(self, split: str) -> tuple[list[dict[str, Any]], list[str], ImageCells]:
+        """VQAv2 annotation entries, questions and images of one split's table."""
+        key = f"data.{split}_data"
+        rows, where, root = read_rows(self.specs[split], key, self.keys, self.sep)
+        if not rows:
+            raise UserError(f"{key}: {self.specs[split]} has no rows.")
+        image_ids: dict[Any, int] = {}
+        annotations, questions = [], []
+        for i, (row, at) in enumerate(zip(rows, where)):
+            answers, question = row[self.keys["answers_key"]], row[self.keys["question_key"]]
+            if isinstance(answers, str):
+                answers = [answers] * 10
+            if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
+                raise UserError(f"{key}: {at}: {self.keys['answers_key']!r} should be a non-empty list of strings "
+                                f"(or one string), got {answers!r}.")
+            if not isinstance(question, str) or not question.strip():
+                raise UserError(f"{key}: {at}: {self.keys['question_key']!r} should be a question, got {question!r}.")
+            cell = row[self.keys["image_key"]]
+            ident = cell.get("path") or cell.get("bytes") if isinstance(cell, dict) else cell
+            shown = row.get(self.keys.get("answer_key", ""), None) or Counter(answers).most_common(1)[0][0]
+            answer_type = row.get(self.keys.get("answer_type_key", ""), None) or answer_type_of(shown)
+            annotations.append({"question_id": i, "image_id": image_ids.setdefault(ident, len(image_ids)),
+                                "question_type": row.get(self.keys.get("question_type_key", ""), None) or answer_type,
+                                "answer_type": answer_type, "multiple_choice_answer": shown,
+                                "answers": [{"answer": a} for a in answers]})
+            questions.append(question.strip())
+        images = ImageCells([r[self.keys["image_key"]] for r in rows], where, self.keys["image_key"],
+                            self.image_root or root)
+        return annotations, questions, images
+
+    def build_split(self, split: str) -> VQAQuestions:
+        annotations, questions, images = self.tables.pop(split, None) or self.read_table(split)
+        annotated = self.resolve_split(annotations, str(self.specs[split]), f"data.{split}_data")
+        return self.questions_dataset(split, annotated, questions, images)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "test" and self.specs["test"] == self.specs["val"] and "val" in self.datasets:
+            self.datasets["test"] = self.datasets["val"]
         super().setup(stage)

