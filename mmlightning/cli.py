@@ -287,7 +287,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if not saved_cfg.is_file():
             raise UserError(f"--resume {run_dir}: not a run directory (no {runs.CONFIG_FILE}).")
         saved = C.resolve(C.load_recipe(saved_cfg, args.overrides))
-        if (saved["recipe"], saved["task"]) != (cfg["recipe"], cfg["task"]):
+        if saved["recipe"] != cfg["recipe"]:  # the run's own overrides (a task= too) come back with it
             raise UserError(f"--resume {run_dir}: that run is recipe {saved['recipe']!r} (task {saved['task']!r}), not "
                             f"{cfg['recipe']!r} (task {cfg['task']!r}). Resume it with `mml fit {saved['recipe']} "
                             f"--resume {run_dir}`.")

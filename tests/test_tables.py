@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_shards import logged, model_overrides, run_ddp
+from test_shards import logged, model_overrides
 from tiny import tiny_bert, tiny_vit
 
 from mmlightning.cli import main
@@ -192,6 +195,44 @@ def test_clip_fits_and_resumes_on_a_parquet_table(tmp_path: Path, minilm_dir: Pa
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[5:]))
 
 
+# writes each training step's and each validation's sample ids at once (a stopped run keeps
+# what it did), and stops itself with SIGTERM on rank 0 at step STOP_AT_STEP, as a preempted job would be
+STEP_RECORDING_TASK = '''
+import json, os, signal
+from mmlightning.registry import TASKS
+from mmlightning.tasks.clip import CLIPTask
+
+@TASKS.register("clip_step_recording")
+class StepRecordingCLIP(CLIPTask):
+    def record(self, *entry):
+        with open(f"steps-{os.environ['LEG']}-rank{self.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\\n")
+
+    def training_step(self, batch, batch_idx):
+        self.record("train", self.global_step, batch["image_id"].tolist())
+        if self.global_rank == 0 and self.global_step == int(os.environ.get("STOP_AT_STEP", "-1")):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        if not self.trainer.sanity_checking:
+            self.record("val", self.current_epoch, batch["image_id"].tolist())
+        return super().validation_step(batch, batch_idx)
+'''
+
+
+def recorded(tmp_path: Path, leg: str, rank: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """(step -> training ids, epoch -> validation ids) of one rank; a later line for a step
+    (the resumed leg's) replaces an earlier one."""
+    train, val = {}, {}
+    for kind, at, ids in map(json.loads, (tmp_path / f"steps-{leg}-rank{rank}.jsonl").read_text().splitlines()):
+        if kind == "train":
+            train[at] = ids
+        else:
+            val[at] = val.get(at, []) + ids
+    return train, val
+
+
 @pytest.mark.slow
 def test_streamed_parquet_two_ranks_two_workers_once_per_epoch(tmp_path: Path, minilm_dir: Path) -> None:
     """Training: 200 rows in row groups of 24 = 4 readers x 5 batches x 10, each exactly once per
@@ -208,17 +249,36 @@ def test_streamed_parquet_two_ranks_two_workers_once_per_epoch(tmp_path: Path, m
     pq.write_table(pa.concat_tables([good, bad]), tmp_path / "val" / "val.parquet", row_group_size=20)
     data = ("data={name: table_captions, train_data: train, val_data: val, batch_size: 10, eval_batch_size: 7, "
             "shuffle_buffer: 20, max_bad_fraction: 0.1}")
-    run_ddp(tmp_path, [*model_overrides(minilm_dir), data])
-    ranks = [json.loads((tmp_path / f"seen-rank{r}.json").read_text()) for r in (0, 1)]
+    (tmp_path / "steps.py").write_text(STEP_RECORDING_TASK)
+    recipe = ["clip-wds", *model_overrides(minilm_dir), data, "imports=[steps.py]", "task=clip_step_recording",
+              "data.num_workers=2", "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.strategy=ddp", "logger.name=csv"]
+
+    def fit(leg: str, *args: str, stop_at: int = -1) -> subprocess.CompletedProcess:
+        env = {**os.environ, "LEG": leg, "STOP_AT_STEP": str(stop_at), "PYTHONUNBUFFERED": "1"}
+        return subprocess.run([sys.executable, "-m", "mmlightning.cli", "fit", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=400)
+
+    straight = fit("straight", *recipe, "run.name=ddp")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ranks = [recorded(tmp_path, "straight", r) for r in (0, 1)]
     for epoch in (0, 1):
-        batches = [seen[f"train{epoch}"] for seen in ranks]
+        batches = [[ids for step, ids in train.items() if step // 10 == epoch] for train, _ in ranks]
         assert [len(b) for b in batches] == [10, 10]  # the same number of steps on both ranks
         assert sorted(i for rank in batches for batch in rank for i in batch) == list(range(200))
-        assert sorted(i for seen in ranks for batch in seen[f"val{epoch}"] for i in batch) == list(range(45))
-    order = [[i for batch in seen[f"train{e}"] for i in batch] for seen in ranks for e in (0, 1)]
+        assert sorted(i for _, val in ranks for i in val[epoch]) == list(range(45))
+    order = [[i for step, ids in train.items() if step // 10 == e for i in ids] for train, _ in ranks for e in (0, 1)]
     assert order[0] != order[1] and order[2] != order[3]  # a new order each epoch
     assert set(order[0]) != set(order[1])  # the row groups, not only the order within a rank, move
     counts = logged(tmp_path)
     for kind in ("bad_image", "missing_image", "bad_caption", "missing_caption", "empty_caption", "truncated"):
         assert counts[f"data/val_skipped_{kind}"] == expected.get(kind, 0), kind
     assert counts["data/train_skipped_bad_image"] == 0
+
+    # stopped mid-epoch (step 13 of 20: epoch 1, batch 3) and resumed: the same next batches on both ranks
+    cut = fit("cut", *recipe, "run.name=cut", stop_at=13)
+    assert cut.returncode == 143, cut.stderr[-3000:]
+    resumed = fit("cut", "clip-wds", "--resume", "runs/cut")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in (0, 1):
+        assert recorded(tmp_path, "cut", rank)[0] == ranks[rank][0]
