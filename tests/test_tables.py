@@ -167,7 +167,7 @@ def test_a_table_that_does_not_fit_fails_naming_it(tmp_path: Path, monkeypatch: 
         open_table("missing.csv", "data.train_data", "image", "caption")
 
 
-def test_clip_fits_and_resumes_on_a_parquet_table(tmp_path: Path, minilm_dir: Path) -> None:
+def test_clip_and_captioning_fit_on_tables_and_resume(tmp_path: Path, minilm_dir: Path) -> None:
     write("parquet", "train", "--num", "96", "--shard-size", "16")
     write("csv", "val", "--num", "20", "--split", "val")
     data = ("data={name: table_captions, train_data: train, val_data: val/captions.csv, test_data: val/captions.csv, "
@@ -177,6 +177,13 @@ def test_clip_fits_and_resumes_on_a_parquet_table(tmp_path: Path, minilm_dir: Pa
     assert main([*common, "trainer.max_epochs=1", "run.name=t"]) == 0
     summary = json.loads(Path("runs/t/summary.json").read_text())
     assert summary["global_step"] == 12 and "test/i2t_R@1" in summary["test"]
+
+    # captioning reads the same tables (its batches' references: every caption of an image)
+    captioning = ("data={name: table_captions, train_data: train, val_data: val/captions.csv, "
+                  "test_data: val/captions.csv, batch_size: 8, eval_batch_size: 8, num_workers: 0}")
+    assert main(["fit", "caption-shapes", captioning, "trainer.max_steps=3", "model.generation.max_new_tokens=4",
+                 "model.generation.num_beams=1", "logger.name=none", "run.name=c"]) == 0
+    assert "test/CIDEr-D" in json.loads(Path("runs/c/summary.json").read_text())["test"]
 
     # mid-epoch resume over row groups with two loader workers: the same next batches
     source = open_table("train", "data.train_data", "image", "caption")
