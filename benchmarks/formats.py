@@ -55,8 +55,8 @@ def data_override(root: Path, fmt: str, batch: int, workers: int) -> str:
 def fit(fmt: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     from mmlightning.cli import main
 
-    data = [] if fmt == "shapes" else [data_override(root, fmt, args.batch_size, args.workers)]
-    if fmt == "shapes":
+    data = [data_override(root, fmt, args.batch_size, args.workers)]
+    if fmt == "shapes":  # the recipe's own data, at the same sizes
         data = [f"data.num_train={args.num_train}", f"data.num_val={args.num_val}", f"data.num_test={args.num_test}",
                 f"data.batch_size={args.batch_size}"]
     name = f"formats-{fmt}"

@@ -20,7 +20,6 @@ names and prompt templates.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,8 @@ from mmlightning.data_modules.base import LabelledImages, ZeroShotSpec
 from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import SplitDataModule, normalize_uint8
 from mmlightning.data_modules.image_folder import IMAGE_SUFFIXES, class_folders, image_files
-from mmlightning.data_modules.streams import BadSample
-from mmlightning.data_modules.tables import read_rows, row_image
+from mmlightning.data_modules.streams import BadSample, decode_image
+from mmlightning.data_modules.tables import image_file, read_bytes, read_rows
 from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
@@ -57,7 +56,7 @@ class Split:
 
     labels: np.ndarray
     pixels: torch.Tensor | None = None
-    files: list[Path | bytes] | None = None
+    files: list[Path | str | bytes] | None = None
 
     def subset(self, rows: np.ndarray) -> Split:
         return Split(self.labels[rows], None if self.pixels is None else self.pixels[rows],
@@ -85,10 +84,11 @@ class InMemoryImages(Dataset):
         return {"image": normalize_uint8(images, self.image_config), "label": self.labels[idx], "sample_id": idx}
 
 
-def open_image(file: Path | bytes) -> Image.Image:
-    if isinstance(file, bytes):
-        return Image.open(io.BytesIO(file)).convert("RGB")
-    return load_image(file)
+def open_image(file: Path | str | bytes) -> Image.Image:
+    """A split's image: encoded bytes, a local path, or an fsspec URL (str)."""
+    if isinstance(file, str):
+        file = read_bytes(file, file)
+    return decode_image(file) if isinstance(file, bytes) else load_image(file)
 
 
 class FileImages(Dataset):
@@ -330,7 +330,7 @@ class ImageTableData(ClassificationData):
     a ``save_to_disk`` or imagefolder folder, a hub id online): ``image_key`` (bytes, the
     ``datasets`` Image struct, or a path relative to ``image_root``, default the table's folder)
     and ``label_key`` (a class name, or a class index into ``classes``). ``classes`` lists the
-    class names in order (default: the labels found, sorted); ``split_key`` (values
+    class names in order (default: the labels found, sorted; required for indices); ``split_key`` (values
     train/val/test) or else a stratified draw as for image folders."""
 
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, table: str = "",
@@ -350,25 +350,36 @@ class ImageTableData(ClassificationData):
         return Path(str(self.table)).stem
 
     def read(self) -> tuple[list[str], dict[str, Split]]:
-        rows, where, root = read_rows(self.table, "data.table", self.keys, self.sep)
-        root = self.image_root or root
+        rows, where, roots = read_rows(self.table, "data.table", self.keys, self.sep)
         image_key, label_key, split_key = self.keys["image_key"], self.keys["label_key"], self.keys.get("split_key")
         labels_text = [str(r[label_key]).strip() if r[label_key] is not None else "" for r in rows]
-        found = sorted(set(labels_text), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+        found = sorted(set(labels_text))
+        if not self.classes and found and all(c.isdigit() for c in found):
+            raise UserError(f"data.classes: the labels of {self.table} ({label_key!r}) are class indices "
+                            f"({', '.join(found[:5])}{', ...' if len(found) > 5 else ''}); list the class names in "
+                            f"index order, e.g. data.classes=[cat, dog].")
         classes = list(self.classes) if self.classes else found
         index = {c: i for i, c in enumerate(classes)}
-        if self.classes and all(c.isdigit() for c in found) and not set(found) & set(classes):
-            index = {str(i): i for i in range(len(classes))}  # labels are class indices
-        images: list[bytes] = []
-        for row, label, at in zip(rows, labels_text, where):
+        by_index = bool(self.classes) and all(c.isdigit() for c in found) and not set(found) & set(classes)
+        if by_index:  # labels are indices into data.classes
+            index = {str(i): i for i in range(len(classes))}
+        images: list[Path | str | bytes] = []
+        for row, label, at, root in zip(rows, labels_text, where, roots):
             if label not in index:
-                raise UserError(f"{at}: label {label!r} is not one of data.classes ({', '.join(classes)}).")
-            try:
-                images.append(row_image(row[image_key], at, image_key, root))
+                what = (f"class index {label} is outside data.classes ({len(classes)} classes)" if by_index else
+                        f"label {label!r} is not one of data.classes ({', '.join(classes)})")
+                raise UserError(f"data.label_key: {at}: {what}.")
+            try:  # paths stay paths (checked here, read per batch); bytes stay in memory
+                image = image_file(row[image_key], at, image_key, self.image_root or root)
             except BadSample as bad:
-                raise UserError(f"data.table: {bad}") from None
+                raise UserError(f"data.image_key: {bad}") from None
+            if isinstance(image, str) and "://" not in image:
+                if not Path(image).is_file():
+                    raise UserError(f"data.image_key: {at}: image {image!r} does not exist.")
+                image = Path(image)
+            images.append(image)
             if split_key and row[split_key] not in SPLITS:
-                raise UserError(f"{at}: split {row[split_key]!r} is not one of {', '.join(SPLITS)}.")
+                raise UserError(f"data.split_key: {at}: split {row[split_key]!r} is not one of {', '.join(SPLITS)}.")
         labels = np.array([index[label] for label in labels_text], dtype=np.int64)
         if split_key:
             chosen = {s: np.array([i for i, r in enumerate(rows) if r[split_key] == s], dtype=np.int64) for s in SPLITS}

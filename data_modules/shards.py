@@ -90,7 +90,6 @@ def shard_sizes(urls: list[str]) -> list[int]:
     return [sizes[u] if u in sizes else count_samples(u) for u in urls]
 
 
-
 def sample_captions(sample: dict[str, Any], where: str) -> list[str]:
     """``json``'s ``captions`` (a list) or ``caption``, else ``txt``."""
     captions = None

@@ -60,13 +60,37 @@ class BadSample(Exception):
 
 
 # ---------------------------------------------------------------------- one sample
-def decode_image(data: bytes, size: int) -> Image.Image:
-    """PIL decode; a JPEG at least twice the target size is decoded at a reduced scale
-    (``draft``: the DCT skips the detail the resize would throw away), several times faster."""
+def decode_image(data: bytes, size: int | None = None) -> Image.Image:
+    """PIL decode to RGB; given the smallest side the transform needs (``size``), a JPEG at
+    least twice that is decoded at a reduced scale (``draft``: the DCT skips the detail the
+    resize would throw away), several times faster."""
     image = Image.open(io.BytesIO(data))
-    if image.format == "JPEG":
+    if image.format == "JPEG" and size:
         image.draft("RGB", (size, size))
     return image.convert("RGB")
+
+
+def parsed_samples(source: Any, plan: Any,
+                   on_bad: Callable[[BadSample, int], None]) -> Iterator[tuple[int, int, str, Any, bytes, list[str]]]:
+    """(unit, position, where, raw sample, image bytes, captions) of each sample of the planned (unit,
+    first, end) ranges that parses; ``on_bad(bad, n)`` for the others, ``n`` > 1 for the
+    samples lost to a damaged or short unit. How every reader of a source walks it."""
+    for unit, first, end in plan:
+        seen, error = first, None
+        try:
+            for position, where, raw in source.read(unit, first, end):
+                seen = position + 1
+                try:
+                    data, captions = source.parse(raw, where)
+                except BadSample as bad:
+                    on_bad(bad, 1)
+                    continue
+                yield unit, position, where, raw, data, captions
+        except source.damage as err:
+            error = f"{type(err).__name__}: {err}"
+        if seen < end:  # damaged, or shorter than its recorded size
+            on_bad(BadSample("truncated", source.names[unit], f"{error or 'ends early'}; {end - seen} sample(s) lost"),
+                   end - seen)
 
 
 def caption_hash(caption: str) -> int:
@@ -138,23 +162,16 @@ class SampleStream(IterableDataset):
              examples: list[str]) -> Iterator[tuple[torch.Tensor, list[str], int]]:
         """(image, captions, global sample id) for each good sample of the planned
         (unit, first, end) ranges."""
-        for unit, first, end in plan:
-            seen, error = first, None
+        def on_bad(bad: BadSample, n: int) -> None:
+            self.note(bad, counts, examples, n)
+
+        for unit, position, where, _, data, captions in parsed_samples(self.source, plan, on_bad):
             try:
-                for position, where, raw in self.source.read(unit, first, end):
-                    seen = position + 1
-                    try:
-                        data, captions = self.source.parse(raw, where)
-                        image = self.decoded(data, where)
-                    except BadSample as bad:
-                        self.note(bad, counts, examples)
-                        continue
-                    yield image, captions, int(self.offsets[unit]) + position
-            except self.source.damage as err:
-                error = f"{type(err).__name__}: {err}"
-            if seen < end:  # damaged, or shorter than its recorded size
-                self.note(BadSample("truncated", self.source.names[unit],
-                                    f"{error or 'ends early'}; {end - seen} sample(s) lost"), counts, examples, end - seen)
+                image = self.decoded(data, where)
+            except BadSample as bad:
+                on_bad(bad, 1)
+                continue
+            yield image, captions, int(self.offsets[unit]) + position
 
     def decoded(self, data: bytes, where: str) -> torch.Tensor:
         try:
@@ -353,7 +370,7 @@ class StreamedCaptionData(TaskData):
         self.max_bad_fraction, self.strict, self.crop_scale = max_bad_fraction, strict, tuple(crop_scale)
         self.streams: dict[str, SampleStream] = {}
         self.skipped: dict[str, dict[int, torch.Tensor]] = {}  # split -> reader -> its latest counts
-        self.examples: dict[str, list[str]] = {}
+        self.examples: dict[str, dict[int, list[str]]] = {}  # split -> reader -> a few bad samples named
 
     def open_source(self, split: str) -> Any:
         """The split's source (see the module docstring); a wrong path fails here, naming its key."""

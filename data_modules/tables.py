@@ -17,6 +17,9 @@ Each split is one ``*_data`` value, its form told by what it is:
 - a hub dataset id (``owner/name``), online only: ``hub_splits`` maps the splits to the
   dataset's split names.
 
+Relative image paths start from ``image_root``, default the table's own folder (each Parquet
+file's folder).
+
 Every form becomes a source of ``streams.SampleStream`` (Parquet row groups, or chunks of
 ``chunk_rows`` rows of an in-memory table), so epochs over ranks and workers, mid-epoch
 resume, and bad rows (missing or undecodable image, missing, empty or wrongly typed caption,
@@ -25,11 +28,11 @@ an unreadable row group) are counted and budgeted exactly as for webdataset shar
 
 from __future__ import annotations
 
+import contextlib
 import glob
-import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from mmlightning.errors import UserError
 from mmlightning.registry import DATA_MODULES
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".tab": "csv", ".parquet": "parquet"}
 LOCAL_FORMS = ("a .csv/.tsv file, .parquet file(s) or a folder of them, a folder written by "
                "datasets' save_to_disk, or an imagefolder with metadata.jsonl/metadata.csv")
 
@@ -58,9 +62,9 @@ def row_captions(value: Any, where: str, column: str) -> list[str]:
     return captions
 
 
-def row_image(value: Any, where: str, column: str, root: str) -> bytes:
-    """Bytes from a bytes cell, ``datasets``' Image struct ``{bytes, path}`` or a path (relative
-    paths under ``root``)."""
+def image_file(value: Any, where: str, column: str, root: str) -> bytes | str:
+    """An image cell as its bytes (a bytes cell, or ``datasets``' Image struct ``{bytes, path}``
+    holding them) or as the path of its file (relative paths under ``root``)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -69,7 +73,10 @@ def row_image(value: Any, where: str, column: str, root: str) -> bytes:
         raise BadSample("missing_image", where, f"{column!r} is empty")
     if not isinstance(value, str):
         raise BadSample("bad_image", where, f"{column!r} is a {type(value).__name__}, not bytes or a path")
-    path = value if "://" in value or os.path.isabs(value) else os.path.join(root, value)
+    return value if "://" in value or os.path.isabs(value) or not root else os.path.join(root, value)
+
+
+def read_bytes(path: str, where: str) -> bytes:
     try:
         if "://" in path:
             import fsspec
@@ -78,12 +85,17 @@ def row_image(value: Any, where: str, column: str, root: str) -> bytes:
                 return f.read()
         with open(path, "rb") as f:
             return f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise BadSample("missing_image", where, f"no file {path}") from None
+    except OSError as err:  # not there, unreadable, a folder, the network: the sample is skipped
+        raise BadSample("missing_image", where, f"{path}: {type(err).__name__}") from None
 
 
-class TableRows:
-    """What every table source shares: a row is ``{image_key: ..., caption_key: ...}``."""
+def row_image(value: Any, where: str, column: str, root: str) -> bytes:
+    found = image_file(value, where, column, root)
+    return found if isinstance(found, bytes) else read_bytes(found, where)
+
+
+class RowParser:
+    """Turns a table row ``{image_key: ..., caption_key: ...}`` into (image bytes, captions)."""
 
     def __init__(self, image_key: str, caption_key: str, image_root: str) -> None:
         self.image_key, self.caption_key, self.image_root = image_key, caption_key, image_root
@@ -93,24 +105,36 @@ class TableRows:
         return row_image(row.get(self.image_key), where, self.image_key, self.image_root), captions
 
 
-def check_columns(columns: list[str], wanted: dict[str, str], what: str, key: str) -> None:
+def check_columns(columns: Sequence[str], wanted: dict[str, str], what: str, key: str) -> None:
     for recipe_key, column in wanted.items():
         if column not in columns:
             raise UserError(f"{key}: {what} has no column {column!r} (data.{recipe_key}); its columns are "
                             f"{', '.join(map(repr, columns))}.")
 
 
+def folder_of(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else "."
+
+
 # ---------------------------------------------------------------------- Parquet, streamed
 def expand_parquet(spec: str | list[str], key: str) -> list[str]:
     """Parquet files from a file, a folder (``*.parquet`` inside, recursively), a glob or
-    brace pattern, fsspec URLs, or a list of these."""
+    brace pattern, fsspec URLs (globs too), or a list of these."""
     from braceexpand import braceexpand
 
     files: list[str] = []
     for item in [spec] if isinstance(spec, str) else list(spec):
         for one in braceexpand(str(item)):
             if "://" in one:
-                files.append(one)
+                import fsspec
+
+                fs, _, paths = fsspec.core.get_fs_token_paths(one)
+                if any(c in one for c in "*?["):
+                    files += sorted(fs.unstrip_protocol(p) for p in paths)
+                elif fs.isdir(paths[0]):
+                    files += sorted(fs.unstrip_protocol(p) for p in fs.glob(f"{paths[0]}/**/*.parquet"))
+                else:
+                    files.append(one)
             elif Path(one).is_dir():
                 files += sorted(str(p) for p in Path(one).rglob("*.parquet"))
             elif any(c in one for c in "*?["):
@@ -124,110 +148,147 @@ def expand_parquet(spec: str | list[str], key: str) -> list[str]:
     return files
 
 
-def open_parquet(path: str) -> Any:
+@contextlib.contextmanager
+def parquet_file(path: str) -> Iterator[Any]:
+    """A ``pyarrow.parquet.ParquetFile``, local or through fsspec, closed after use."""
     import pyarrow.parquet as pq
 
     if "://" in path:
         import fsspec
 
-        return pq.ParquetFile(fsspec.open(path, "rb").open())
-    return pq.ParquetFile(path)
+        with fsspec.open(path, "rb") as handle:
+            yield pq.ParquetFile(handle)
+    else:
+        with pq.ParquetFile(path) as file:
+            yield file
 
 
-class ParquetSource(TableRows):
+class ParquetSource(RowParser):
     """Parquet row groups as the units of a sample stream: a reader reads one row group's two
-    columns at a time."""
+    columns at a time (relative image paths resolved against that file's folder)."""
 
     def __init__(self, files: list[str], key: str, image_key: str, caption_key: str, image_root: str | None) -> None:
         import pyarrow as pa
 
-        super().__init__(image_key, caption_key, image_root or "")
+        super().__init__(image_key, caption_key, "")
         self.damage = (OSError, pa.ArrowException)
-        self.units: list[tuple[str, int, int]] = []  # (file, row group, first row of the group in its file)
+        self.units: list[tuple[str, int, int, str]] = []  # (file, row group, its first row, image root)
         self.names, self.sizes = [], []
         for path in files:
             try:
-                file = open_parquet(path)
-                meta = file.metadata
+                with parquet_file(path) as file:
+                    meta, columns = file.metadata, file.schema_arrow.names
             except (OSError, pa.ArrowException) as err:
                 raise UserError(f"{key}: {path} is not a readable Parquet file ({err}).") from None
-            check_columns(file.schema_arrow.names, {"image_key": image_key, "caption_key": caption_key}, path, key)
+            check_columns(columns, {"image_key": image_key, "caption_key": caption_key}, path, key)
             first = 0
             for group in range(meta.num_row_groups):
                 rows = meta.row_group(group).num_rows
-                self.units.append((path, group, first))
+                self.units.append((path, group, first, image_root or folder_of(path)))
                 self.names.append(f"{path} row group {group}")
                 self.sizes.append(rows)
                 first += rows
 
     def read(self, unit: int, first: int, end: int) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        path, group, row0 = self.units[unit]
-        table = open_parquet(path).read_row_group(group, columns=[self.image_key, self.caption_key])
-        root = self.image_root or (path.rsplit("/", 1)[0] if "/" in path else ".")
-        rows = table.slice(first, end - first).to_pylist()
-        for offset, row in enumerate(rows):
-            yield first + offset, f"{path} row {row0 + first + offset}", {**row, "__root__": root}
-
-    def parse(self, row: dict[str, Any], where: str) -> tuple[bytes, list[str]]:
-        captions = row_captions(row.get(self.caption_key), where, self.caption_key)
-        return row_image(row.get(self.image_key), where, self.image_key, row["__root__"]), captions
+        path, group, row0, root = self.units[unit]
+        with parquet_file(path) as file:
+            table = file.read_row_group(group, columns=[self.image_key, self.caption_key])
+        for offset, row in enumerate(table.slice(first, end - first).to_pylist()):
+            where = f"{path} row {row0 + first + offset}"
+            try:  # resolved here: the parser's root is one for all files
+                row[self.image_key] = image_file(row[self.image_key], where, self.image_key, root)
+            except BadSample:
+                pass  # the parser meets it again and reports it
+            yield first + offset, where, row
 
 
 # ---------------------------------------------------------------------- in-memory tables
-class MemorySource(TableRows):
+class RowNames:
+    """Where row i is, for messages: ``"<table> row i"``, or a list of names."""
+
+    def __init__(self, table: str, names: list[str] | None = None) -> None:
+        self.table, self.names = table, names
+
+    def __getitem__(self, i: int) -> str:
+        return self.names[i] if self.names is not None else f"{self.table} row {i}"
+
+
+class DatasetRows:
+    """Rows ``[a:b]`` of a ``datasets.Dataset`` as dicts (a class, not a closure: loader
+    workers that are spawned, not forked, receive it pickled)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, rows: slice) -> list[dict[str, Any]]:
+        columns = self.dataset[rows]
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+class MemorySource(RowParser):
     """A table held in memory (or memory-mapped by Arrow), cut into chunks of ``chunk_rows``."""
 
     damage = (OSError,)
 
-    def __init__(self, name: str, num_rows: int, rows: Callable[[int, int], list[dict[str, Any]]],
-                 where: Callable[[int], str], image_key: str, caption_key: str, image_root: str,
-                 chunk_rows: int) -> None:
+    def __init__(self, name: str, rows: Sequence[dict[str, Any]] | DatasetRows, where: RowNames, image_key: str,
+                 caption_key: str, image_root: str, chunk_rows: int) -> None:
         super().__init__(image_key, caption_key, image_root)
         self.rows, self.where, self.chunk_rows = rows, where, chunk_rows
-        starts = range(0, num_rows, chunk_rows)
-        self.sizes = [min(chunk_rows, num_rows - s) for s in starts]
+        starts = range(0, len(rows), chunk_rows)
+        self.sizes = [min(chunk_rows, len(rows) - s) for s in starts]
         self.names = [f"{name} rows {s}-{s + n - 1}" for s, n in zip(starts, self.sizes)]
 
     def read(self, unit: int, first: int, end: int) -> Iterator[tuple[int, str, dict[str, Any]]]:
         start = unit * self.chunk_rows
-        for offset, row in enumerate(self.rows(start + first, start + end)):
-            yield first + offset, self.where(start + first + offset), row
+        for offset, row in enumerate(self.rows[start + first:start + end]):
+            yield first + offset, self.where[start + first + offset], row
 
 
-def read_csv_columns(path: Path, key: str, wanted: dict[str, str], sep: str | None) -> dict[str, list[Any]]:
-    """The ``wanted`` columns (recipe key -> column) of a CSV/TSV, every cell a string (a caption
-    or label of digits stays text); empty cells are ''."""
+def read_csv_columns(path: str, key: str, wanted: dict[str, str], sep: str | None) -> dict[str, list[Any]]:
+    """The ``wanted`` columns (recipe key -> column) of a CSV/TSV (local or an fsspec URL), every
+    cell a string (a caption or label of digits stays text); empty cells are ''."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    sep = sep or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    options = pacsv.ParseOptions(delimiter=sep)
+    sep = sep or ("\t" if Path(path).suffix.lower() in (".tsv", ".tab") else ",")
+    options = pacsv.ParseOptions(delimiter=sep, newlines_in_values=True)  # quoted captions may hold newlines
+
+    def opened() -> Any:
+        if "://" in path:
+            import fsspec
+
+            return fsspec.open(path, "rb").open()
+        return open(path, "rb")
+
     try:
-        head = pacsv.open_csv(path, parse_options=options).schema.names
-        check_columns(head, wanted, str(path), key)
-        table = pacsv.read_csv(path, parse_options=options, convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in head}, include_columns=list(wanted.values())))
-    except pa.ArrowException as err:
+        with opened() as f:
+            head = pacsv.open_csv(f, parse_options=options).schema.names
+        check_columns(head, wanted, path, key)
+        with opened() as f:
+            table = pacsv.read_csv(f, parse_options=options, convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in head}, include_columns=list(wanted.values())))
+    except (OSError, pa.ArrowException) as err:
         raise UserError(f"{key}: {path} is not a readable {'TSV' if sep == chr(9) else 'CSV'} file ({err}).") from None
     return {column: table.column(column).to_pylist() for column in wanted.values()}
 
 
-def csv_source(path: Path, key: str, image_key: str, caption_key: str, image_root: str | None, sep: str | None,
+def csv_source(path: str, key: str, image_key: str, caption_key: str, image_root: str | None, sep: str | None,
                chunk_rows: int) -> MemorySource:
     columns = read_csv_columns(path, key, {"image_key": image_key, "caption_key": caption_key}, sep)
-    grouped: dict[Any, int] = {}  # image path -> its row in the grouped table
+    grouped: dict[str, int] = {}  # image path -> its row in the grouped table
     rows: list[dict[str, Any]] = []
-    first_line: list[int] = []
-    for line, (image, caption) in enumerate(zip(columns[image_key], columns[caption_key])):
+    names: list[str] = []
+    for line, (image, caption) in enumerate(zip(columns[image_key], columns[caption_key]), start=2):  # 1: header
         at = grouped.setdefault(image, len(rows)) if image else len(rows)
         if at == len(rows):
             rows.append({image_key: image, caption_key: []})
-            first_line.append(line)
-        if caption is not None:
-            rows[at][caption_key].append(caption)
-    return MemorySource(str(path), len(rows), lambda a, b: rows[a:b],
-                        lambda i: f"{path} line {first_line[i] + 2} ({rows[i][image_key]})", image_key, caption_key,
-                        image_root or str(path.parent), chunk_rows)
+            names.append(f"{path} line {line} ({image})")
+        rows[at][caption_key].append(caption)
+    return MemorySource(path, rows, RowNames(path, names), image_key, caption_key, image_root or folder_of(path),
+                        chunk_rows)
 
 
 def load_with_datasets(kind: str, spec: str, key: str, hub_split: str) -> Any:
@@ -248,38 +309,33 @@ def load_with_datasets(kind: str, spec: str, key: str, hub_split: str) -> Any:
                         f"{str(err).splitlines()[0]}. Local forms: {LOCAL_FORMS}.") from None
 
 
-def datasets_source(dataset: Any, name: str, key: str, image_key: str, caption_key: str, image_root: str | None,
-                    chunk_rows: int) -> MemorySource:
-    """A ``datasets.Dataset``: images undecoded (``Image(decode=False)`` gives ``{bytes, path}``)."""
+def undecoded(dataset: Any, name: str, key: str, wanted: dict[str, str]) -> Any:
+    """One split of a ``datasets`` table, the ``wanted`` columns only, images left as
+    ``{bytes, path}`` (``Image(decode=False)``)."""
     import datasets
 
     if isinstance(dataset, (datasets.DatasetDict, dict)):
         raise UserError(f"{key}: {name} holds splits {', '.join(map(repr, dataset))}; give one split's folder "
                         f"(e.g. {name}/{next(iter(dataset))}).")
-    check_columns(dataset.column_names, {"image_key": image_key, "caption_key": caption_key}, name, key)
-    if isinstance(dataset.features[image_key], datasets.Image):
-        dataset = dataset.cast_column(image_key, datasets.Image(decode=False))
-    dataset = dataset.select_columns([image_key, caption_key])
-
-    def rows(a: int, b: int) -> list[dict[str, Any]]:
-        columns = dataset[a:b]
-        return [dict(zip(columns, values)) for values in zip(*columns.values())]
-
-    return MemorySource(name, len(dataset), rows, lambda i: f"{name} row {i}", image_key, caption_key,
-                        image_root or name, chunk_rows)
+    check_columns(dataset.column_names, wanted, name, key)
+    for column in wanted.values():
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset.select_columns(list(wanted.values()))
 
 
-def table_kind(spec: Any) -> str:
+def table_kind(spec: Any, key: str = "data") -> str:
     """parquet | csv | save_to_disk | imagefolder | hub, from what ``spec`` is."""
     if not isinstance(spec, str):
         return "parquet"  # a list of Parquet files or patterns
+    suffix = TABLE_SUFFIXES.get(Path(spec.split("?")[0]).suffix.lower())
+    if "://" in spec or any(c in spec for c in "*?[{"):
+        return suffix or "parquet"
     path = Path(spec)
-    if "://" in spec or spec.endswith(".parquet") or any(c in spec for c in "*?[{"):
-        return "parquet"
     if path.is_file():
-        if path.suffix.lower() in (".csv", ".tsv", ".tab"):
-            return "csv"
-        raise UserError(f"{spec!r}: not a table this reader knows ({LOCAL_FORMS}).")
+        if suffix:
+            return suffix
+        raise UserError(f"{key}: {spec!r} is not a table this reader knows ({LOCAL_FORMS}).")
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return "save_to_disk"
@@ -287,67 +343,54 @@ def table_kind(spec: Any) -> str:
             return "imagefolder"
         if any(path.rglob("*.parquet")):
             return "parquet"
-        raise UserError(f"{spec!r}: a folder, but none of {LOCAL_FORMS}.")
-    if HUB_ID.match(spec) and not spec.startswith("."):
+        raise UserError(f"{key}: {spec!r} is a folder, but none of {LOCAL_FORMS}.")
+    if HUB_ID.match(spec) and not suffix and not spec.startswith("."):
         return "hub"
-    raise UserError(f"{spec!r} does not exist; give {LOCAL_FORMS}, or a hub dataset id (owner/name).")
+    raise UserError(f"{key}: {spec!r} does not exist; give {LOCAL_FORMS}, or a hub dataset id (owner/name).")
 
 
 def open_table(spec: Any, key: str, image_key: str, caption_key: str, image_root: str | None = None,
                sep: str | None = None, hub_split: str = "train", chunk_rows: int = 1000) -> ParquetSource | MemorySource:
     """The source for one split's ``spec`` (see the module docstring); ``key`` names it in errors."""
-    kind = table_kind(spec)
+    kind = table_kind(spec, key)
     if kind == "parquet":
         return ParquetSource(expand_parquet(spec, key), key, image_key, caption_key, image_root)
     if kind == "csv":
-        return csv_source(Path(spec), key, image_key, caption_key, image_root, sep, chunk_rows)
-    dataset = load_with_datasets(kind, spec, key, hub_split)
-    return datasets_source(dataset, str(spec), key, image_key, caption_key, image_root, chunk_rows)
+        return csv_source(spec, key, image_key, caption_key, image_root, sep, chunk_rows)
+    wanted = {"image_key": image_key, "caption_key": caption_key}
+    dataset = undecoded(load_with_datasets(kind, spec, key, hub_split), str(spec), key, wanted)
+    local = kind != "hub"
+    return MemorySource(str(spec), DatasetRows(dataset), RowNames(str(spec)), image_key, caption_key,
+                        image_root or (str(spec) if local else ""), chunk_rows)
 
 
 def read_rows(spec: Any, key: str, wanted: dict[str, str], sep: str | None = None,
-              hub_split: str = "train") -> tuple[list[dict[str, Any]], list[str], str]:
+              hub_split: str = "train") -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Every row of a table of any form, in memory, one row per table row (no grouping): the
-    ``wanted`` columns (recipe key -> column), the rows' locations for messages, and the folder
-    relative image paths start from. For small tables (class labels, questions)."""
-    import datasets
-
-    kind = table_kind(spec)
+    ``wanted`` columns (recipe key -> column), each row's location for messages, and the folder
+    each row's relative image paths start from. For small tables (class labels, questions)."""
+    kind = table_kind(spec, key)
     if kind == "csv":
-        columns = read_csv_columns(Path(spec), key, wanted, sep)
-        where = [f"{spec}, line {i + 2}" for i in range(len(next(iter(columns.values()))))]
-        root = str(Path(spec).parent)
+        columns = read_csv_columns(spec, key, wanted, sep)
+        n = len(next(iter(columns.values())))
+        where, roots = [f"{spec}, line {i + 2}" for i in range(n)], [folder_of(spec)] * n
     elif kind == "parquet":
-        files = expand_parquet(spec, key)
-        columns, where = {c: [] for c in wanted.values()}, []
-        for path in files:
-            file = open_parquet(path)
-            check_columns(file.schema_arrow.names, wanted, path, key)
-            table = file.read(columns=list(wanted.values()))
+        columns, where, roots = {c: [] for c in wanted.values()}, [], []
+        for path in expand_parquet(spec, key):
+            with parquet_file(path) as file:
+                check_columns(file.schema_arrow.names, wanted, path, key)
+                table = file.read(columns=list(wanted.values()))
             for c in wanted.values():
                 columns[c] += table.column(c).to_pylist()
             where += [f"{path} row {i}" for i in range(table.num_rows)]
-        root = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
+            roots += [folder_of(path)] * table.num_rows
     else:
-        dataset = load_with_datasets(kind, spec, key, hub_split)
-        if isinstance(dataset, (datasets.DatasetDict, dict)):
-            raise UserError(f"{key}: {spec} holds splits {', '.join(map(repr, dataset))}; give one split's folder.")
-        check_columns(dataset.column_names, wanted, str(spec), key)
-        for column in wanted.values():
-            if isinstance(dataset.features[column], datasets.Image):
-                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        dataset = undecoded(load_with_datasets(kind, spec, key, hub_split), str(spec), key, wanted)
         columns = {c: dataset[c] for c in wanted.values()}
-        where, root = [f"{spec} row {i}" for i in range(len(dataset))], str(spec)
+        where = [f"{spec} row {i}" for i in range(len(dataset))]
+        roots = [str(spec) if kind != "hub" else ""] * len(dataset)
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    return rows, where, root
-
-
-def image_format(data: bytes) -> str:
-    """jpg | png | webp | bmp: what the bytes are, for writers that name files by it."""
-    from PIL import Image
-
-    found = Image.open(io.BytesIO(data)).format or "PNG"
-    return {"JPEG": "jpg", "MPO": "jpg"}.get(found, found.lower())
+    return rows, where, roots
 
 
 @DATA_MODULES.register("table_captions")
@@ -371,9 +414,9 @@ class TableCaptionData(StreamedCaptionData):
         self.image_key, self.caption_key, self.image_root, self.sep = image_key, caption_key, image_root, sep
         self.chunk_rows = chunk_rows
         self.hub_splits = {"train": "train", "val": "validation", "test": "test", **(hub_splits or {})}
-        for split, spec in specs.items():  # a mistyped path fails now, not after training
-            if spec:
-                table_kind(spec)
+        for split, spec in specs.items():  # a mistyped local path fails now, not after training
+            if spec and table_kind(spec, f"data.{split}_data") == "parquet":
+                expand_parquet(spec, f"data.{split}_data")
 
     def open_source(self, split: str) -> ParquetSource | MemorySource:
         return open_table(self.specs[split], f"data.{split}_data", self.image_key, self.caption_key, self.image_root,

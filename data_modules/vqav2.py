@@ -29,7 +29,6 @@ EvalAI for those).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter, defaultdict
@@ -44,6 +43,7 @@ from torch.utils.data import Dataset
 
 from mmlightning.data_modules.coco import load_image
 from mmlightning.data_modules.common import SplitDataModule
+from mmlightning.data_modules.streams import decode_image
 from mmlightning.data_modules.tables import read_rows, row_image, table_kind
 from mmlightning.data_modules.transforms import apply_transform, eval_transform, train_transform
 from mmlightning.encoders.outputs import ImageConfig
@@ -362,14 +362,17 @@ class VQAv2Data(VQAData):
 
 
 class ImageCells:
-    """Question i's image from a table cell: bytes, ``datasets``' Image struct, or a path."""
+    """Question i's image from a table: each image's cell once (bytes, ``datasets``' Image
+    struct, or a path), and which image each question asks about."""
 
-    def __init__(self, cells: list[Any], where: list[str], column: str, root: str) -> None:
-        self.cells, self.where, self.column, self.root = cells, where, column, root
+    def __init__(self, cells: list[Any], where: list[str], roots: list[str], column: str,
+                 image_of_question: list[int]) -> None:
+        self.cells, self.where, self.roots, self.column = cells, where, roots, column
+        self.image_of_question = image_of_question
 
     def __call__(self, question: int) -> Image.Image:
-        data = row_image(self.cells[question], self.where[question], self.column, self.root)
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        image = self.image_of_question[question]
+        return decode_image(row_image(self.cells[image], self.where[image], self.column, self.roots[image]))
 
 
 def answer_type_of(answer: str) -> str:
@@ -394,19 +397,21 @@ class VQATableData(VQAData):
                  val_data: str, test_data: str | None = None, image_key: str = "image", question_key: str = "question",
                  answers_key: str = "answers", answer_key: str | None = None, answer_type_key: str | None = None,
                  question_type_key: str | None = None, image_root: str | None = None, sep: str | None = None,
-                 num_answers: int = 3129, batch_size: int = 64, eval_batch_size: int = 128, num_workers: int = 0,
+                 hub_splits: dict[str, str] | None = None, num_answers: int = 3129, batch_size: int = 64,
+                 eval_batch_size: int = 128, num_workers: int = 0,
                  shuffle_seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         self.specs = {"train": train_data, "val": val_data, "test": test_data or val_data}
         for split in ("train", "val"):
             if not self.specs[split]:
                 raise UserError(f"data.{split}_data: name the table of {split} questions.")
-            table_kind(self.specs[split])  # a typo fails now
+            table_kind(self.specs[split], f"data.{split}_data")  # a typo fails now
         self.keys = {"image_key": image_key, "question_key": question_key, "answers_key": answers_key,
                      **({"answer_key": answer_key} if answer_key else {}),
                      **({"answer_type_key": answer_type_key} if answer_type_key else {}),
                      **({"question_type_key": question_type_key} if question_type_key else {})}
         self.image_root, self.sep = image_root, sep
+        self.hub_splits = {"train": "train", "val": "validation", "test": "validation", **(hub_splits or {})}
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
         self.tables = {"train": self.read_table("train")}
         self.learn_answers(self.tables["train"][0], num_answers, f"data.train_data: {train_data}")
@@ -414,10 +419,11 @@ class VQATableData(VQAData):
     def read_table(self, split: str) -> tuple[list[dict[str, Any]], list[str], ImageCells]:
         """VQAv2 annotation entries, questions and images of one split's table."""
         key = f"data.{split}_data"
-        rows, where, root = read_rows(self.specs[split], key, self.keys, self.sep)
+        rows, where, roots = read_rows(self.specs[split], key, self.keys, self.sep, self.hub_splits[split])
         if not rows:
             raise UserError(f"{key}: {self.specs[split]} has no rows.")
         image_ids: dict[Any, int] = {}
+        first_row: list[int] = []  # each image's first row: where its cell is read from
         annotations, questions = [], []
         for i, (row, at) in enumerate(zip(rows, where)):
             answers, question = row[self.keys["answers_key"]], row[self.keys["question_key"]]
@@ -429,16 +435,20 @@ class VQATableData(VQAData):
             if not isinstance(question, str) or not question.strip():
                 raise UserError(f"{key}: {at}: {self.keys['question_key']!r} should be a question, got {question!r}.")
             cell = row[self.keys["image_key"]]
-            ident = cell.get("path") or cell.get("bytes") if isinstance(cell, dict) else cell
+            ident = (cell.get("bytes") or cell.get("path")) if isinstance(cell, dict) else cell
+            if ident not in image_ids:
+                image_ids[ident] = len(image_ids)
+                first_row.append(i)
             shown = row.get(self.keys.get("answer_key", ""), None) or Counter(answers).most_common(1)[0][0]
             answer_type = row.get(self.keys.get("answer_type_key", ""), None) or answer_type_of(shown)
-            annotations.append({"question_id": i, "image_id": image_ids.setdefault(ident, len(image_ids)),
+            annotations.append({"question_id": i, "image_id": image_ids[ident],
                                 "question_type": row.get(self.keys.get("question_type_key", ""), None) or answer_type,
                                 "answer_type": answer_type, "multiple_choice_answer": shown,
                                 "answers": [{"answer": a} for a in answers]})
             questions.append(question.strip())
-        images = ImageCells([r[self.keys["image_key"]] for r in rows], where, self.keys["image_key"],
-                            self.image_root or root)
+        images = ImageCells([rows[r][self.keys["image_key"]] for r in first_row], [where[r] for r in first_row],
+                            [self.image_root or roots[r] for r in first_row], self.keys["image_key"],
+                            [a["image_id"] for a in annotations])
         return annotations, questions, images
 
     def build_split(self, split: str) -> VQAQuestions:

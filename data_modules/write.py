@@ -4,7 +4,7 @@ and inspect any of them.
 - webdataset shards (``shard-000000.tar`` ..., ``sizes.json``), Parquet (``part-000000.parquet``,
   one row group of ``--shard-size`` rows each, ``datasets``' Image feature), CSV
   (``captions.csv`` + ``images/``, one row per caption) and COCO-captions JSON
-  (``annotations/captions_<split>.json`` + ``<split>/<id:012d>.<ext>``), from the shapes world
+  (``annotations/captions_<split>2017.json`` + ``<split>2017/<id:012d>.<ext>``), from the shapes world
   or from any readable input (shards, a table, COCO JSON), images copied byte for byte;
 - VQAv2 JSON (questions + annotations with 10 answers + ``COCO_<subtype>_<id:012d>.jpg``)
   from the shapes world.
@@ -23,8 +23,8 @@ from mmlightning.data_modules import shapes_world as world
 from mmlightning.data_modules.coco import read_coco_captions
 from mmlightning.data_modules.common import IMAGE_EXTENSIONS
 from mmlightning.data_modules.shards import SIZES_FILE, ShardSource, expand_shards
-from mmlightning.data_modules.streams import SKIP_KINDS, BadSample
-from mmlightning.data_modules.tables import LOCAL_FORMS, image_format, open_table
+from mmlightning.data_modules.streams import SKIP_KINDS, BadSample, parsed_samples
+from mmlightning.data_modules.tables import LOCAL_FORMS, open_table, table_kind
 from mmlightning.errors import UserError
 
 
@@ -131,7 +131,8 @@ def write_parquet(pairs: Iterator[Pair], out: str | Path, shard_size: int) -> di
 
     def flush() -> None:
         path = out / f"part-{len(files):06d}.parquet"
-        columns = {"key": [p.key for p in chunk], "image": [{"bytes": p.image, "path": f"{p.key}.{p.ext}"} for p in chunk],
+        columns = {"key": [p.key for p in chunk],
+                   "image": [{"bytes": p.image, "path": f"{p.image_id:08d}.{p.ext}"} for p in chunk],
                    "caption": [p.captions for p in chunk],
                    "image_id": [p.image_id for p in chunk]}
         pq.write_table(pa.Table.from_pydict(columns, schema=schema), path, row_group_size=shard_size)
@@ -160,7 +161,7 @@ def write_csv(pairs: Iterator[Pair], out: str | Path) -> dict[str, Any]:
         writer = csv.writer(f)
         writer.writerow(["image", "caption"])
         for pair in pairs:
-            name = f"images/{pair.key}.{pair.ext}"
+            name = f"images/{pair.image_id:08d}.{pair.ext}"  # a shard key may hold '/' or repeat
             (out / name).write_bytes(pair.image)
             writer.writerows([name, c] for c in pair.captions)
             samples, captions = samples + 1, captions + len(pair.captions)
@@ -178,39 +179,39 @@ def open_input(spec: str, image_key: str = "image", caption_key: str = "caption"
     if is_shards(spec):
         return ShardSource(expand_shards(spec, "input"))
     try:
-        return open_table(spec, "input", image_key, caption_key, image_root, sep)
+        table_kind(spec, "input")
     except UserError:
         if Path(spec).is_dir():  # neither: say what was looked for
             raise UserError(f"{spec!r}: a folder with no shards (*.tar) and none of {LOCAL_FORMS}.") from None
         raise
+    return open_table(spec, "input", image_key, caption_key, image_root, sep)
+
+
+def image_format(data: bytes) -> str:
+    """jpg | png | webp | bmp: what the bytes are, for writers that name files by it."""
+    from PIL import Image
+
+    found = Image.open(io.BytesIO(data)).format or "PNG"
+    return {"JPEG": "jpg", "MPO": "jpg"}.get(found, found.lower())
 
 
 def source_pairs(source: Any, counts: dict[str, int], problems: list[str]) -> Iterator[Pair]:
-    """Every good sample of a source in order; bad ones counted by kind (a few kept as examples)."""
+    """Every good sample of a source in order; bad ones counted by kind (examples kept)."""
+    def on_bad(bad: BadSample, n: int) -> None:
+        counts[bad.kind] += n
+        problems.append(str(bad))
+
     image_id = 0
-    for unit, size in enumerate(source.sizes):
-        seen = 0
+    everything = [(unit, 0, size) for unit, size in enumerate(source.sizes)]
+    for _, _, where, raw, image, captions in parsed_samples(source, everything, on_bad):
         try:
-            for position, where, raw in source.read(unit, 0, size):
-                seen = position + 1
-                try:
-                    image, captions = source.parse(raw, where)
-                    ext = image_format(image)
-                except BadSample as bad:
-                    counts[bad.kind] += 1
-                    problems.append(str(bad))
-                    continue
-                except (OSError, ValueError, SyntaxError) as err:
-                    counts["bad_image"] += 1
-                    problems.append(f"bad image: {where}: {str(err).splitlines()[0]}")
-                    continue
-                key = raw.get("__key__") if isinstance(raw, dict) and "__key__" in raw else f"{image_id:08d}"
-                yield Pair(str(key), image, ext, captions, image_id)
-                image_id += 1
-        except source.damage as err:
-            problems.append(f"{source.names[unit]}: {type(err).__name__}: {err}")
-        if seen < size:
-            counts["truncated"] += size - seen
+            ext = image_format(image)
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises on damaged files
+            on_bad(BadSample("bad_image", where, str(err).splitlines()[0]), 1)
+            continue
+        key = raw.get("__key__", f"{image_id:08d}") if isinstance(raw, dict) else f"{image_id:08d}"
+        yield Pair(str(key), image, ext, captions, image_id)
+        image_id += 1
 
 
 WRITERS = ("wds", "parquet", "csv", "coco")
@@ -278,24 +279,24 @@ def write_vqav2(split: str, num: int, seed: int, image_size: int, out: str | Pat
 def inspect(spec: str, show: int = 3, **table_keys: Any) -> dict[str, Any]:
     """Count the samples of shards or a table, list what a sample holds (file kinds or
     columns) and the first few captions; missing images, bad or missing captions and damaged
-    units are reported, not fatal (images are not decoded here)."""
+    units are reported, not fatal (images are not decoded; a table's image files are read)."""
     source = open_input(spec, **{k: v for k, v in table_keys.items() if v is not None})
-    samples, kinds, captions, problems, total_bytes = 0, set(), [], [], 0
-    for name in source.names if is_shards(spec) else []:
-        if "://" not in name:
-            total_bytes += Path(name).stat().st_size
-    for unit, size in enumerate(source.sizes):
-        try:
-            for _, where, raw in source.read(unit, 0, size):
-                samples += 1
-                kinds |= {k for k in raw if not k.startswith("__")}
-                try:
-                    _, caps = source.parse(raw, where)
-                    if len(captions) < show:
-                        captions.append(f"{raw.get('__key__', samples - 1)}: {caps[0]}")
-                except BadSample as err:  # reported, inspection goes on
-                    problems.append(str(err))
-        except source.damage as err:
-            problems.append(f"{source.names[unit]}: {type(err).__name__}: {err}")
-    what = {"shards": len(source.names), "bytes": total_bytes} if is_shards(spec) else {"units": len(source.names)}
+    samples, kinds, captions, problems = 0, set(), [], []
+
+    def on_bad(bad: BadSample, n: int) -> None:
+        nonlocal samples
+        samples += 0 if bad.kind == "truncated" else 1  # a sample that is there, but bad
+        problems.append(str(bad))
+
+    everything = [(unit, 0, size) for unit, size in enumerate(source.sizes)]
+    for _, _, _, raw, _, caps in parsed_samples(source, everything, on_bad):
+        samples += 1
+        kinds |= {k for k in raw if not k.startswith("__")}
+        if len(captions) < show:
+            captions.append(f"{raw.get('__key__', samples - 1)}: {caps[0]}")
+    if is_shards(spec):
+        total_bytes = sum(Path(name).stat().st_size for name in source.names if "://" not in name)
+        what = {"shards": len(source.names), "bytes": total_bytes}
+    else:
+        what = {"units": len(source.names)}
     return {**what, "samples": samples, "sample_keys": sorted(kinds), "captions": captions, "problems": problems}

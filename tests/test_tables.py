@@ -26,7 +26,7 @@ from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
 
 
-def write(fmt: str, out: str, *extra: str) -> dict:
+def write(fmt: str, out: str, *extra: str) -> None:
     assert main(["data", "write", "shapes", out, "--format", fmt, "--image-format", "png", "--image-size", "32",
                  *extra]) == 0
 
@@ -42,14 +42,15 @@ def stream(source, minilm: Path, train: bool = False, **kwargs) -> SampleStream:
                         **kwargs)
 
 
-def seen(batches) -> set[tuple[int, tuple[str, ...], str]]:
-    """(image id, its captions, hash of its decoded pixels) for every image of evaluation batches."""
-    out = set()
+def seen(batches) -> list[tuple[int, tuple[str, ...], str]]:
+    """(image id, its captions, hash of its decoded pixels) for every image of evaluation
+    batches, sorted (a repeated sample shows)."""
+    out = []
     for batch in batches:
         for i, image_id in enumerate(batch["image_id"].tolist()):
             pixels = hashlib.sha1(batch["image"][i].numpy().tobytes()).hexdigest()
-            out.add((image_id, tuple(batch["references"][i]), pixels))
-    return out
+            out.append((image_id, tuple(batch["references"][i]), pixels))
+    return sorted(out)
 
 
 def test_every_format_gives_the_same_samples(tmp_path: Path, minilm_dir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -71,7 +72,7 @@ def test_every_format_gives_the_same_samples(tmp_path: Path, minilm_dir: Path, c
             f.write(json.dumps({"file_name": name, "caption": row["caption"]}) + "\n")
 
     expected = seen(StreamLoader(stream(ShardSource(expand_shards("wds", "x")), minilm_dir), lambda: 0, lambda: 0, 0))
-    assert len(expected) == 40 and {i for i, _, _ in expected} == set(range(40))
+    assert [i for i, _, _ in expected] == list(range(40))
     for spec in ("parquet", "csv/captions.csv", "arrow", "imagefolder"):
         source = open_table(str(tmp_path / spec), "data.test_data", "image", "caption", chunk_rows=7)
         got = seen(StreamLoader(stream(source, minilm_dir), lambda: 0, lambda: 0, num_workers=2))
@@ -80,8 +81,8 @@ def test_every_format_gives_the_same_samples(tmp_path: Path, minilm_dir: Path, c
                             val_json="coco/annotations/captions_train2017.json", val_images="coco/train2017")
     coco.setup("validate")
     dataset = coco.datasets["val"]
-    from_coco = {(i, tuple(dataset.captions[i]), hashlib.sha1(dataset[i][0].numpy().tobytes()).hexdigest())
-                 for i in range(len(dataset))}
+    from_coco = sorted((i, tuple(dataset.captions[i]), hashlib.sha1(dataset[i][0].numpy().tobytes()).hexdigest())
+                       for i in range(len(dataset)))
     assert from_coco == expected
 
     # converting keeps them: Parquet -> shards -> CSV -> Parquet, and inspect reads each
@@ -105,7 +106,8 @@ def png(value: int) -> bytes:
 
 
 def bad_parquet(path: Path, good: int) -> dict[str, int]:
-    """``good`` good rows, then one of each bad kind; returns the expected counts."""
+    """``good`` good rows, then bad rows of each kind a well-typed caption column can hold (a
+    wrongly typed one is every row bad: see the test below); returns the expected counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -142,6 +144,51 @@ def test_bad_rows_are_counted_by_kind_and_strict_names_the_row(tmp_path: Path, m
     counts = dict(zip(SKIP_KINDS, batches[-1]["skipped"].tolist()))
     assert counts["missing_image"] == 1 and counts["empty_caption"] == 1
     assert "t.csv line 3 (missing.png)" in " ".join(batches[-1]["skipped_examples"])
+    # a caption column of the wrong type: every row is a bad caption, named as such
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [png(1), png(2)], "caption": [1, 2]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"image": [png(3)], "caption": ["fine"]}), tmp_path / "fine.parquet")
+    both = [str(tmp_path / "fine.parquet"), str(tmp_path / "ints.parquet")]  # a reader with no good row cannot report
+    batches = list(StreamLoader(stream(open_table(both, "k", "image", "caption"), minilm_dir), lambda: 0, lambda: 0, 0))
+    assert dict(zip(SKIP_KINDS, batches[-1]["skipped"].tolist()))["bad_caption"] == 2
+    assert "'caption' is a int, not a string or a list of strings" in batches[-1]["skipped_examples"][0]
+    # a row group that cannot be read: its rows are counted lost, the others still read
+    bad_parquet(tmp_path / "cut.parquet", good=19)
+    data = bytearray((tmp_path / "cut.parquet").read_bytes())
+    with pq.ParquetFile(tmp_path / "cut.parquet") as file:
+        column = file.metadata.row_group(1).column(0)
+        start = column.data_page_offset
+    data[start + 8:start + 400] = b"\xff" * 392
+    (tmp_path / "cut.parquet").write_bytes(bytes(data))
+    batches = list(StreamLoader(stream(open_table(str(tmp_path / "cut.parquet"), "k", "image", "caption"),
+                                       minilm_dir), lambda: 0, lambda: 0, 0))
+    counts = dict(zip(SKIP_KINDS, batches[-1]["skipped"].tolist()))
+    assert counts["truncated"] == 8 and sum(len(b["image_id"]) for b in batches) == 19 - 8 + 0
+
+
+def test_sources_pickle_for_spawned_workers_and_odd_keys_convert(tmp_path: Path) -> None:
+    """Loader workers that are spawned (macOS, forkserver) get the source pickled; a shard key
+    with a '/' and a caption with a newline survive conversion to CSV and back."""
+    import pickle
+
+    from mmlightning.data_modules.write import Pair, write_csv
+
+    write("parquet", "pq", "--num", "6")
+    write("csv", "csv", "--num", "6")
+    import datasets
+
+    datasets.load_dataset("parquet", data_files="pq/*.parquet", split="train").save_to_disk("arrow")
+    for spec in ("pq", "csv/captions.csv", "arrow"):
+        source = pickle.loads(pickle.dumps(open_table(spec, "k", "image", "caption", chunk_rows=4)))
+        assert sum(len(list(source.read(u, 0, n))) for u, n in enumerate(source.sizes)) == 6
+    pairs = [Pair("dir/a", png(5), "png", ["two\nlines", "plain"], 0), Pair("dir/a", png(6), "png", ["other"], 1)]
+    write_csv(iter(pairs), tmp_path / "odd")
+    source = open_table(str(tmp_path / "odd" / "captions.csv"), "k", "image", "caption")
+    rows = [source.parse(row, where) for _, where, row in source.read(0, 0, source.sizes[0])]
+    assert [captions for _, captions in rows] == [["two\nlines", "plain"], ["other"]]
+    assert rows[0][0] == png(5) and rows[1][0] == png(6)  # the repeated key did not merge two images
 
 
 def test_a_table_that_does_not_fit_fails_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,8 +201,10 @@ def test_a_table_that_does_not_fit_fails_naming_it(tmp_path: Path, monkeypatch: 
     (tmp_path / "x.csv").write_text("image,caption\n")
     with pytest.raises(UserError, match=r"no column 'filepath' \(data.image_key\)"):
         open_table("x.csv", "k", "filepath", "caption")
-    with pytest.raises(UserError, match=r"'nope/nothing.parquet' does not exist|does not exist"):
+    with pytest.raises(UserError, match=r"k: 'nope/' does not exist"):
         open_table("nope/", "k", "image", "caption")
+    with pytest.raises(UserError, match=r"data.val_data: 'data/val.csv' does not exist"):  # not a hub id
+        open_table("data/val.csv", "data.val_data", "image", "caption")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"data.val_data: 'someone/captions' would be a hub dataset, but the hub is "
                                         r"offline .* Give a local form: a .csv/.tsv file, .parquet"):
