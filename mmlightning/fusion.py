@@ -341,7 +341,7 @@ class SingleStreamFusion(nn.Module):
     def __init__(self, vision_token_dim: int, text_token_dim: int, width: int = 256, layers: int = 2,
                  heads: int = 4, hidden_dim: int = 512, dropout: float = 0.1) -> None:
         super().__init__()
-        self.output_dim = hidden_dim
+        self.output_dim, self.width = hidden_dim, width
         self.vision_in = nn.Linear(vision_token_dim, width)
         self.location_in = nn.Linear(2, width)  # each cell's (x, y), as UNITER embeds box coordinates
         self.text_in = nn.Linear(text_token_dim, width)
@@ -355,7 +355,10 @@ class SingleStreamFusion(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Sequential(nn.Linear(width, hidden_dim), nn.GELU())
 
-    def forward(self, vision: VisionOutput, text: TextOutput) -> torch.Tensor:
+    def encode(self, vision: VisionOutput, text: TextOutput, use_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the fused [CLS] vector (B, output_dim), each word's fused state (B, T, width)):
+        what pretraining reads (image-text matching, masked words). ``use_image=False`` hides
+        every grid cell from the words (what MLM gets right without the image)."""
         tokens = vision.tokens
         if math.isqrt(tokens.shape[1] - 1) ** 2 == tokens.shape[1] - 1:  # ViT: drop the class token
             tokens = tokens[:, 1:]
@@ -364,7 +367,11 @@ class SingleStreamFusion(nn.Module):
         t = self.text_in(text.tokens) + self.type_embed[2]
         cls = self.cls.expand(len(v), -1, -1) + self.type_embed[0]
         x = torch.cat([cls, v, t], dim=1)
-        real = torch.ones(len(v), 1 + v.shape[1], dtype=torch.bool, device=v.device)
-        padding = ~torch.cat([real, text.mask], dim=1)
+        real = torch.full((len(v), 1 + v.shape[1]), True, device=v.device)
+        real[:, 1:] = use_image
+        padding = ~torch.cat([real, text.mask.bool()], dim=1)
         x = self.norm(self.transformer(x, src_key_padding_mask=padding))
-        return self.out(x[:, 0])
+        return self.out(x[:, 0]), x[:, 1 + v.shape[1]:]
+
+    def forward(self, vision: VisionOutput, text: TextOutput) -> torch.Tensor:
+        return self.encode(vision, text)[0]

@@ -80,6 +80,8 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
         "clip-coco": lambda: coco_overrides(fx["coco"], fx["minilm"]),
         "clip-wds": lambda: shards_overrides(fx["shards"], fx["minilm"]),
         "vqa-shapes": lambda: SHAPES_VQA,
+        "itm-mlm-shapes": lambda: [*SHAPES_CLIP, "model.fusion={name: single_stream, width: 32, layers: 1, heads: 2, "
+                                                 "hidden_dim: 32}"],
         "vqa-vqav2": lambda: vqav2_overrides(fx["vqav2"], fx["minilm"]),
         "caption-shapes": lambda: SHAPES_CAPTION,
         "caption-coco": lambda: karpathy_overrides(fx["karpathy"], fx["minilm"]),
@@ -99,6 +101,8 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
 LOGGED = {
     "clip": ({"train/loss", "val/mean_recall", "test/i2t_R@1"}, "test/i2t_R@1"),
     "vqa": ({"train/loss", "val/acc", "test/acc", "test/blind_acc"}, "test/acc"),
+    "fusion_pretrain": ({"train/loss", "train/itm_loss", "train/mlm_loss", "val/itm_acc", "test/mlm_acc_no_image"},
+                        "test/itm_acc"),
     "caption": ({"train/loss", "val/CIDEr-D", "test/BLEU-4", "test/exact_match"}, "test/CIDEr-D"),
     "classify": ({"train/loss", "val/top1", "test/top1", "test/top5"}, "test/top1"),
     "prompt_learning": ({"train/loss", "val/top1", "test/top1"}, "test/top1"),

@@ -84,15 +84,18 @@ class TaskModule(L.LightningModule):
         """Called once the data module exists, before any checkpoint is loaded: for parts
         whose size comes from the data (e.g. the VQA answer vocabulary)."""
 
-    def init_towers_from(self, source: str | Path, towers: dict[str, nn.Module]) -> None:
+    def init_towers_from(self, source: str | Path, towers: dict[str, nn.Module], optional: tuple[str, ...] = ()) -> None:
         """Copy pretrained towers (e.g. ``{"vision": self.vision}``) from a checkpoint file or
-        run directory of another task. The towers must be built as in that run; if not, the
-        error shows the spec that run used."""
+        run directory of another task; the ``optional`` ones only where that run has them (a
+        fusion encoder from fusion pretraining, not from a CLIP run). Each must be built as in
+        that run; if not, the error shows the spec that run used."""
         path, ckpt, state = read_run_checkpoint(source, "model.init_from")
         source_model = (ckpt.get("mmlightning_recipe") or {}).get("model") or {}
         for name, tower in towers.items():
             prefix = f"{name}."
             weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not weights and name in optional:
+                continue
             if not weights:
                 raise UserError(f"model.init_from: {path} holds no '{name}' tower "
                                   f"(its top-level modules: {sorted({k.split('.')[0] for k in state})}).")

@@ -43,15 +43,16 @@ class VQATask(TaskModule):
         super().__init__(optimizer, scheduler)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.text = TEXT_ENCODERS.build(text, "model.text")
-        if init_from:
-            self.init_towers_from(init_from, {"vision": self.vision, "text": self.text})
-        freeze_tower(self.vision, freeze_vision, unfrozen_vision_groups, "model.freeze_vision")
-        freeze_tower(self.text, freeze_text, unfrozen_text_groups, "model.freeze_text")
         widths = {"vision_dim": self.vision.output_dim, "vision_token_dim": self.vision.token_dim,
                   "text_dim": self.text.output_dim, "text_token_dim": self.text.token_dim}
         FUSION_HEADS.check(fusion, "model.fusion")
         head_params = inspect.signature(FUSION_HEADS.get(str(fusion["name"]))).parameters
         self.fusion = FUSION_HEADS.build(fusion, "model.fusion", **{k: v for k, v in widths.items() if k in head_params})
+        if init_from:  # a CLIP run's towers; a fusion-pretraining run's fusion encoder as well
+            self.init_towers_from(init_from, {"vision": self.vision, "text": self.text, "fusion": self.fusion},
+                                  optional=("fusion",))
+        freeze_tower(self.vision, freeze_vision, unfrozen_vision_groups, "model.freeze_vision")
+        freeze_tower(self.text, freeze_text, unfrozen_text_groups, "model.freeze_text")
         self.loss_fn = LOSSES.build(loss, "loss")
         self.classifier_hidden, self.dropout = classifier_hidden, dropout
         self.classifier: nn.Module | None = None
