@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--formats", nargs="+", default=["shapes", "wds", "parquet", "csv", "coco"])
     parser.add_argument("--out", default="runs/formats", help="data and runs go here (data is reused)")
-    parser.add_argument("overrides", nargs="*", help="more recipe overrides for every run")
+    parser.add_argument("--overrides", nargs="*", default=[], help="more recipe overrides for every run")
     args = parser.parse_args()
     root = Path(args.out).resolve()
     write_data(root, {"train": args.num_train, "val": args.num_val, "test": args.num_test},

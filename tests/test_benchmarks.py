@@ -118,7 +118,7 @@ def test_few_shot_table(clip_checkpoint: Path) -> None:
 def test_formats_table(tmp_path: Path) -> None:
     out = run("formats.py", "--num-train", "96", "--num-val", "16", "--num-test", "16", "--epochs", "1",
               "--batch-size", "16", "--workers", "0", "--out", str(tmp_path), "--formats", "shapes", "parquet", "coco",
-              "model.text.layers=1")
+              "--overrides", "model.text.layers=1")
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
     assert set(rows) == {"shapes", "parquet", "coco"}
     assert rows["parquet"][3] == "6" and int(rows["coco"][3]) > 6  # coco's epoch is every caption

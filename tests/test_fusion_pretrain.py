@@ -154,7 +154,7 @@ def test_pretrains_then_vqa_starts_from_the_fusion_encoder(tmp_path: Path) -> No
     assert main(["fit", "itm-mlm-shapes", *TINY, "run.name=pre"]) == 0
     summary = json.loads(Path("runs/pre/summary.json").read_text())["test"]
     for key in ("test/itm_acc", "test/mlm_acc", "test/mlm_acc_no_image", "test/mlm_acc_colour",
-                "test/mlm_acc_relation_no_image", "test/t2i_R@1"):
+                "test/mlm_acc_relation_no_image", "test/t2i_R@1", "test/t2i_R@1_itm"):
         assert 0 <= summary[key] <= 1, key
     from mmlightning import config as C
     from mmlightning.build import build_task

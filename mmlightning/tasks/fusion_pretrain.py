@@ -9,7 +9,9 @@ encoder over their tokens, trained with three weighted objectives:
 - **MLM**: words masked by BERT's 80/10/10 rule are predicted from the fusion encoder's word
   states, which see the image.
 
-Evaluation adds to the CLIP task's retrieval: ITM accuracy on each caption's own image and
+Evaluation adds to the CLIP task's retrieval: text->image R@1 re-ranked by ITM (each caption's
+top ``rerank_k`` images by ITC re-scored by the fusion encoder, ALBEF's inference;
+``test/t2i_R@1_itm``, on one process), ITM accuracy on each caption's own image and
 on its hardest in-batch negative image (``itm_acc``), and MLM accuracy on eval captions masked
 by a fixed draw, with the image and with every grid cell hidden (``mlm_acc``,
 ``mlm_acc_no_image``), overall and for each named word group (``model.word_groups``, e.g.
@@ -49,7 +51,8 @@ class FusionPretrainTask(CLIPTask):
                  projection: dict[str, Any] | None = None, freeze_vision: bool = False,
                  unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0,
                  weights: dict[str, float] | None = None, mlm_probability: float = 0.15,
-                 word_groups: dict[str, list[str]] | None = None, accumulate_batches: int = 1) -> None:
+                 word_groups: dict[str, list[str]] | None = None, rerank_k: int = 16,
+                 accumulate_batches: int = 1) -> None:
         if accumulate_batches != 1:
             raise UserError("model.accumulate_batches: fusion pretraining steps one batch at a time (its hard "
                             "negatives come from the batch); raise data.batch_size instead.")
@@ -80,6 +83,10 @@ class FusionPretrainTask(CLIPTask):
         self.mlm_probability = mlm_probability
         self.word_groups = self.group_token_ids(word_groups or {})
         self.tallies: dict[str, dict[str, torch.Tensor]] = {}
+        if rerank_k < 1:
+            raise UserError(f"model.rerank_k must be >= 1 (images re-scored by ITM per caption), got {rerank_k}.")
+        self.rerank_k = rerank_k
+        self.kept: list[tuple[torch.Tensor, ...]] = []  # the test split's tokens, for ITM re-ranking
 
     def group_token_ids(self, groups: dict[str, list[str]]) -> dict[str, list[int]]:
         tokenizer, out = self.text.tokenizer, {}
@@ -187,6 +194,9 @@ class FusionPretrainTask(CLIPTask):
             says_match = self.matching_logits(tokens, text).argmax(1) == 1
             says_other = self.matching_logits(negative, text).argmax(1) == 0
             self.tally(stage, "itm_acc", torch.cat([says_match, says_other]), torch.tensor(2 * len(says_match)))
+        if stage == "test":
+            self.kept.append((vision.tokens.float(), batch["image_id"], image.float(), text.tokens.float(), text.mask,
+                              batch["text_image_id"], caption.float()))  # re-scored after the epoch, outside autocast
         # MLM with a fixed draw per batch, with and without the image
         generator = step_generator(self.seed(), 10**6 + batch_idx)
         masked, labels = mask_tokens(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), self.text.tokenizer,
@@ -203,8 +213,41 @@ class FusionPretrainTask(CLIPTask):
                 in_group = chosen & torch.isin(labels, torch.tensor(ids, device=labels.device))
                 self.tally(stage, f"mlm_acc_{group}{suffix}", right & in_group, in_group.sum())
 
+    @torch.no_grad()
+    def reranked_recall(self) -> torch.Tensor:
+        """Text->image R@1 with each caption's top ``rerank_k`` images by ITC re-scored by the
+        fusion encoder's match probability (ALBEF's inference), over this process's test split."""
+        kept, self.kept = self.kept, []
+        grids = torch.cat([k[0] for k in kept])
+        image_ids = torch.cat([k[1] for k in kept])
+        images = torch.cat([k[2] for k in kept])
+        width = max(k[3].shape[1] for k in kept)
+        words = torch.cat([F.pad(k[3], (0, 0, 0, width - k[3].shape[1])) for k in kept])
+        masks = torch.cat([F.pad(k[4], (0, width - k[4].shape[1])) for k in kept])
+        owners, captions = torch.cat([k[5] for k in kept]), torch.cat([k[6] for k in kept])
+        seen: dict[int, int] = {}  # each image once (its first row)
+        for row, image_id in enumerate(image_ids.tolist()):
+            seen.setdefault(image_id, row)
+        first = torch.tensor(list(seen.values()), device=grids.device)
+        grids, image_ids, images = grids[first], image_ids[first], images[first]
+        k = min(self.rerank_k, len(images))
+        candidates = (captions @ images.T).topk(k, dim=1).indices  # (M, k)
+        best = []
+        for rows in torch.arange(len(captions), device=grids.device).split(max(1, 512 // k)):
+            cand = candidates[rows].flatten()
+            text = TextOutput(pooled=captions[rows].repeat_interleave(k, 0), tokens=words[rows].repeat_interleave(k, 0),
+                              mask=masks[rows].repeat_interleave(k, 0))
+            vision = VisionOutput(pooled=images[cand], tokens=grids[cand])
+            match = self.matching_logits(vision, text).float().softmax(-1)[:, 1].view(len(rows), k)
+            best.append(candidates[rows].gather(1, match.argmax(1, keepdim=True)).squeeze(1))
+        return (image_ids[torch.cat(best)] == owners).float().mean()
+
     def evaluate_epoch_end(self, stage: str) -> None:
         super().evaluate_epoch_end(stage)
+        if stage == "test" and self.kept:
+            if self.trainer.world_size == 1:  # the whole split is in this process
+                self.log("test/t2i_R@1_itm", self.reranked_recall())
+            self.kept = []
         tallies = self.tallies.pop(stage, {})
         for name, (hits, count) in tallies.items():
             total = self.trainer.strategy.reduce(torch.stack([hits, count]), reduce_op="sum")
