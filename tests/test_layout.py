@@ -15,7 +15,8 @@ PACKAGE = REPO / "mmlightning"
 # Lowest layer first. A module may import modules of its own layer or below, never above.
 LAYERS: list[tuple[str, ...]] = [
     ("mmlightning.errors", "mmlightning.registry"),
-    ("mmlightning", "mmlightning.encoders", "mmlightning.fusion", "mmlightning.prompts", "mmlightning.losses",
+    ("mmlightning", "mmlightning.encoders", "mmlightning.fusion", "mmlightning.fusion_objectives", "mmlightning.prompts",
+     "mmlightning.losses",
      "mmlightning.metrics",
      "mmlightning.optim", "mmlightning.report_blocks", "mmlightning.loggers", "mmlightning.fault_tolerance",
      "mmlightning.runs", "mmlightning.config", "mmlightning.hf_dual_encoder", "mmlightning.recipes"),

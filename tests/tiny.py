@@ -81,6 +81,8 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
         "clip-wds": lambda: shards_overrides(fx["shards"], fx["minilm"]),
         "vqa-shapes": lambda: SHAPES_VQA,
         "vqa-shapes-fusion": lambda: SHAPES_VQA,
+        "itm-mlm-coco": lambda: [*coco_overrides(fx["coco"], fx["minilm"]), "model.fusion={name: single_stream, "
+                                 "width: 32, layers: 1, heads: 2, hidden_dim: 32}", "data.batch_size=8"],
         "itm-mlm-shapes": lambda: [*SHAPES_CLIP, "model.fusion={name: single_stream, width: 32, layers: 1, heads: 2, "
                                                  "hidden_dim: 32}"],
         "vqa-vqav2": lambda: vqav2_overrides(fx["vqav2"], fx["minilm"]),
