@@ -243,6 +243,11 @@ class CLIPTask(TaskModule):
     def evaluate_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> None:
         image = self.encode_image(batch["image"])
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        self.score_embeddings(batch, stage, image, text)
+
+    def score_embeddings(self, batch: dict[str, torch.Tensor], stage: str, image: torch.Tensor,
+                         text: torch.Tensor) -> None:
+        """Retrieval (and zero-shot, where the data has classes) from a batch's normalised embeddings."""
         self.retrieval[stage].update(image, batch["image_id"], text, batch["text_image_id"], batch["caption_id"], batch["text_id"])
         if self.classifier is not None and "label" in batch:
             self.zero_shot[stage].update(image @ self.classifier.T, batch["label"], batch["image_id"])

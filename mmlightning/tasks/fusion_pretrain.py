@@ -107,9 +107,9 @@ class FusionPretrainTask(CLIPTask):
         return self.itm_head(self.fusion.encode(vision, text)[0])
 
     def hard_negatives(self, image: torch.Tensor, text: torch.Tensor, batch: dict[str, torch.Tensor],
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(global index of each local image's negative caption, of each local caption's
-        negative image, this rank's first global row), drawn on the global batch."""
+        negative image), drawn on the global batch."""
         all_image, all_text = gather_features(image, with_grad=False), gather_features(text, with_grad=False)
         image_ids = gather_features(batch["image_id"], with_grad=False)
         caption_ids = gather_features(batch["caption_id"], with_grad=False) if "caption_id" in batch else None
@@ -121,7 +121,7 @@ class FusionPretrainTask(CLIPTask):
         rank, _ = world_info()
         first = rank * len(image)
         rows = slice(first, first + len(image))
-        return text_for_image[rows], image_for_text[rows], first
+        return text_for_image[rows], image_for_text[rows]
 
     def objectives(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         vision = self.vision(batch["image"])
@@ -131,7 +131,7 @@ class FusionPretrainTask(CLIPTask):
         losses = {"itc": self.loss_fn(image, caption, self.temperature_scale(), caption_ids=batch.get("caption_id"),
                                       logit_bias=self.logit_bias)}
         if self.weights["itm"]:
-            neg_text, neg_image, _ = self.hard_negatives(image.detach(), caption.detach(), batch, generator)
+            neg_text, neg_image = self.hard_negatives(image.detach(), caption.detach(), batch, generator)
             # the negatives' tokens may sit on another rank: gathered with their gradients
             v_tokens, t_tokens = gather_features(vision.tokens), gather_features(text.tokens)
             t_mask = gather_features(text.mask, with_grad=False)
@@ -178,11 +178,11 @@ class FusionPretrainTask(CLIPTask):
         entry += torch.stack([hits.float().sum(), count.float().sum()])
 
     def evaluate_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> None:
-        super().evaluate_step(batch, batch_idx, stage)  # ITC retrieval (and zero-shot where the data has classes)
-        vision = self.vision(batch["image"])
+        vision = self.vision(batch["image"])  # once: for ITC retrieval, ITM and MLM alike
         text = self.text(batch["input_ids"], batch["attention_mask"])
         image = F.normalize(self.vision_proj(vision.pooled), dim=-1)
         caption = F.normalize(self.text_proj(text.pooled), dim=-1)
+        self.score_embeddings(batch, stage, image, caption)
         # ITM: each caption with its own image, and with its most similar other image of the batch
         own = (batch["text_image_id"][:, None] == batch["image_id"][None, :]).float().argmax(1)  # its image's row
         similarity = (caption @ image.T).masked_fill(batch["text_image_id"][:, None] == batch["image_id"][None, :],
