@@ -30,8 +30,11 @@ loader.
 - ``callbacks()``: Lightning callbacks the data needs in the Trainer (e.g. the shard reader's
   bad-sample log).
 - an answer vocabulary (``AnswerVocabulary``): what a VQA task sizes its classifier from.
+- conversations (``Conversations``): for the generative vision-language task, whose
+  ``tokenizer`` is a chat format (``encoders/chat.py``) that the data module encodes with.
 
-Batch layouts are documented in ``common.py`` (image-text) and ``vqav2.py`` (questions).
+Batch layouts are documented in ``common.py`` (image-text), ``vqav2.py`` (questions) and
+``conversations.py`` (conversations).
 """
 
 from __future__ import annotations
@@ -117,3 +120,17 @@ class AnswerVocabulary(Protocol):
     answers: list[str]
     question_types: list[str]
     type_groups: dict[str, list[str]]
+
+
+@runtime_checkable
+class Conversations(Protocol):
+    """Data for the generative vision-language task (``conversations.py`` gives the batch
+    layout): images with conversations for training; for evaluation, prompts whose generated
+    answers are scored as VQA answers (``kind`` "vqa", by the official accuracy, per
+    ``question_types`` and ``type_groups``, beside ``blind_answers``: the most common training
+    answer of each question type) or as captions (``kind`` "caption", by BLEU, ROUGE-L and
+    CIDEr-D)."""
+
+    question_types: list[str]
+    type_groups: dict[str, list[str]]
+    blind_answers: dict[str, str]

@@ -218,47 +218,36 @@ class ShapesQuestions(Dataset):
         }
 
 
-@DATA_MODULES.register("shapes_vqa")
-class ShapesVQAData(ShapesCLIPData):
-    """Questions about shapes-world images (colour, shape, size, count, existence, relations).
+def most_common_answers(split: world.ShapesSplit) -> dict[str, str]:
+    """The most common answer of each question family in ``split``: the blind baseline."""
+    by_type: dict[str, dict[str, int]] = {}
+    for qs in split.questions:
+        for q in qs:
+            tally = by_type.setdefault(q.family, {})
+            tally[q.answer] = tally.get(q.answer, 0) + 1
+    return {t: min(tally, key=lambda a: (-tally[a], a)) for t, tally in by_type.items()}
 
-    The answer vocabulary is the ``num_answers`` most frequent training answers. Accuracy is
-    reported per question family and for relational vs non-relational questions.
-    ``relational_questions``: relational picks per scene (every split); ``mirror_right``: the
-    fraction of training questions saying "right" asked as "left" about the mirrored image
-    (see ``ShapesQuestions``).
-    """
+
+class ShapesQuestionWorld(ShapesCLIPData):
+    """Shapes-world scenes rendered with their questions (VQA as classification, and the
+    generative VLM's conversations): ``relational_questions`` relational picks per scene in
+    every split, accuracy grouped by question family and relational vs not, and the blind
+    baseline from the training split."""
 
     question_types = list(world.QUESTION_FAMILIES)
     type_groups = {"relational": list(world.RELATIONAL_FAMILIES),
                    "non_relational": [f for f in world.QUESTION_FAMILIES if f not in world.RELATIONAL_FAMILIES]}
 
-    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_answers: int = 100,
-                 relational_questions: int = 1, mirror_right: float | list[float] = 0.0, **kwargs: Any) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, relational_questions: int = 1,
+                 **kwargs: Any) -> None:
         super().__init__(tokenizer, max_length, image_config, **kwargs)
         if isinstance(relational_questions, bool) or not isinstance(relational_questions, int) \
                 or relational_questions < 0:
             raise UserError(f"data.relational_questions must be a whole number >= 0, got {relational_questions!r}")
-        fractions = mirror_fractions(mirror_right)
-        if not fractions or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0.0 <= f <= 1.0
-                                    for f in fractions):
-            raise UserError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
-                              f"got {mirror_right}")
-        self.relational_questions, self.mirror_right = relational_questions, fractions
-        self.zero_shot = None  # classes of objects are a CLIP notion; VQA asks questions instead
+        self.relational_questions = relational_questions
+        self.zero_shot = None  # classes of objects are a CLIP notion; these data ask questions instead
         self.rendered: dict[str, world.ShapesSplit] = {}
-        train = self.render("train")
-        counts: dict[str, int] = {}
-        for qs in train.questions:
-            for q in qs:
-                counts[q.answer] = counts.get(q.answer, 0) + 1
-        self.answers = sorted(counts, key=lambda a: (-counts[a], a))[:num_answers]
-        by_type: dict[str, dict[str, int]] = {}
-        for qs in train.questions:
-            for q in qs:
-                tally = by_type.setdefault(q.family, {})
-                tally[q.answer] = tally.get(q.answer, 0) + 1
-        self.blind = {t: min(tally, key=lambda a: (-tally[a], a)) for t, tally in by_type.items()}
+        self.blind_answers = most_common_answers(self.render("train"))
 
     def render(self, split: str) -> world.ShapesSplit:
         if split not in self.rendered:
@@ -268,11 +257,43 @@ class ShapesVQAData(ShapesCLIPData):
                                                   relational_questions=self.relational_questions)
         return self.rendered[split]
 
+    def take_render(self, split: str) -> world.ShapesSplit:
+        """The rendered split, forgotten here: the dataset built from it holds what it needs."""
+        rendered = self.render(split)
+        self.rendered.pop(split)
+        return rendered
+
+
+@DATA_MODULES.register("shapes_vqa")
+class ShapesVQAData(ShapesQuestionWorld):
+    """Questions about shapes-world images (colour, shape, size, count, existence, relations).
+
+    The answer vocabulary is the ``num_answers`` most frequent training answers. Accuracy is
+    reported per question family and for relational vs non-relational questions.
+    ``relational_questions``: relational picks per scene (every split); ``mirror_right``: the
+    fraction of training questions saying "right" asked as "left" about the mirrored image
+    (see ``ShapesQuestions``).
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_answers: int = 100,
+                 mirror_right: float | list[float] = 0.0, **kwargs: Any) -> None:
+        super().__init__(tokenizer, max_length, image_config, **kwargs)
+        fractions = mirror_fractions(mirror_right)
+        if not fractions or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0.0 <= f <= 1.0
+                                    for f in fractions):
+            raise UserError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
+                              f"got {mirror_right}")
+        self.mirror_right = fractions
+        counts: dict[str, int] = {}
+        for qs in self.render("train").questions:
+            for q in qs:
+                counts[q.answer] = counts.get(q.answer, 0) + 1
+        self.answers = sorted(counts, key=lambda a: (-counts[a], a))[:num_answers]
+        self.blind = self.blind_answers
+
     def build_split(self, split: str) -> Dataset:
-        dataset = ShapesQuestions(self.render(split), self.answers, self.blind, self.tokenizer, self.max_length,
-                                  self.image_config, self.mirror_right if split == "train" else [0.0], self.seed)
-        self.rendered.pop(split)  # the dataset holds what it needs
-        return dataset
+        return ShapesQuestions(self.take_render(split), self.answers, self.blind, self.tokenizer, self.max_length,
+                               self.image_config, self.mirror_right if split == "train" else [0.0], self.seed)
 
 
 class ShapesCaptionPairs(Dataset):

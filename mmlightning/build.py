@@ -33,6 +33,7 @@ def import_components(imports: list[str] | None = None) -> None:
     import mmlightning.data_modules.classification  # noqa: F401
     import mmlightning.data_modules.coco  # noqa: F401
     import mmlightning.data_modules.coco_karpathy  # noqa: F401
+    import mmlightning.data_modules.conversations  # noqa: F401
     import mmlightning.data_modules.shapes  # noqa: F401
     import mmlightning.data_modules.shards  # noqa: F401
     import mmlightning.data_modules.tables  # noqa: F401

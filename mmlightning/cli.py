@@ -8,7 +8,7 @@
     mml fit RECIPE [key=value ...] [--resume RUN_DIR|auto]
     mml validate|test RUN_DIR|CKPT [key=value ...]       (or RECIPE --ckpt CKPT_OR_RUN_DIR)
     mml eval RUN_DIR|CKPT [--image-folder DIR --template T ...]   perception report
-    mml predict RUN_DIR|CKPT --images DIR [--out FILE]   caption or classify images
+    mml predict RUN_DIR|CKPT --images DIR [--out FILE] [--question TEXT]   caption, classify or answer
     mml export CKPT_OR_RUN_DIR --format open_clip|hf --out DIR
     mml data write shapes|coco OUT [--format wds|parquet|csv|coco|vqav2]  |  mml data convert IN OUT --format F
     mml data inspect IN
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp), searched recursively")
     p.add_argument("--out", help="write {file: caption} JSON here (default: print only)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p = sub.add_parser("export", help="write a CLIP checkpoint in another library's format")
+    p.add_argument("--question", help="ask each image this (generative vision-language models, task vlm)")
+    p = sub.add_parser("export", help="write a CLIP or vlm checkpoint in another library's format")
     p.add_argument("ckpt", help="checkpoint file or run directory (its best checkpoint)")
     p.add_argument("--format", required=True, choices=["open_clip", "hf"],
                    help="open_clip: a local-dir folder open_clip loads; hf: a transformers folder")
@@ -499,6 +500,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing or unexpected:
         raise UserError(f"{ckpt} does not fit recipe {cfg['recipe']!r}: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}. Give the recipe (or run directory config.yaml) it was trained with.")
+    if args.question and not task.answers_questions:
+        raise UserError(f"--question: a {cfg.get('task')!r} task does not answer questions; a vlm task does.")
+    asked = {"question": args.question} if args.question else {}
     task.to(inference_device(cfg.get("trainer") or {})).eval()  # the GPU where the recipe's accelerator has one
     transform = eval_transform(task.data_spec().image_config)
     answers: dict[str, str] = {}
@@ -506,7 +510,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for start in range(0, len(files), args.batch_size):
             chunk = files[start:start + args.batch_size]
             images = torch.stack([transform(load_image(p)) for p in chunk])
-            for path, text in zip(chunk, task.predict_images(images, datamodule)):
+            for path, text in zip(chunk, task.predict_images(images, datamodule, **asked)):
                 answers[str(path.relative_to(folder))] = text
                 print(f"{path.relative_to(folder)}\t{text}")
     if args.out:

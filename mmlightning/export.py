@@ -1,4 +1,4 @@
-"""Export a trained CLIP checkpoint for use outside mmlightning.
+"""Export a trained CLIP or vlm checkpoint for use outside mmlightning.
 
 ``mml export runs/<run> --format FORMAT --out exported/`` writes a folder another library
 loads, giving the same embeddings as the framework:
@@ -16,7 +16,10 @@ loads, giving the same embeddings as the framework:
   ``AutoImageProcessor`` and ``AutoProcessor`` load, and the zero-shot-image-classification
   pipeline takes the folder as its model.
 
-Both formats hold a timm image tower and an HF text tower, each with a bias-free linear
+  A vlm run's ``hf`` folder holds its language model for transformers, its LoRA adapter for
+  peft and its vision tower and projector (``to_hf_vlm``).
+
+Both CLIP formats hold a timm image tower and an HF text tower, each with a bias-free linear
 projection. What a format cannot express is refused with the reasons, before anything is
 written.
 """
@@ -33,6 +36,7 @@ import torch
 
 from mmlightning import runs
 from mmlightning.build import build_task
+from mmlightning.encoders.chat import IMAGE_PLACEHOLDER
 from mmlightning.encoders.hf_clip_towers import HFCLIPText, HFCLIPVision
 from mmlightning.encoders.open_clip_towers import OpenCLIPText, OpenCLIPVision
 from mmlightning.encoders.text import HFTextEncoder
@@ -41,6 +45,7 @@ from mmlightning.encoders.vision import TimmEncoder
 from mmlightning.errors import UserError
 from mmlightning.fault_tolerance import load_checkpoint
 from mmlightning.hf_dual_encoder import MMLDualEncoderConfig, MMLDualEncoderModel
+from mmlightning.tasks.vlm import VLMTask
 
 OPEN_CLIP_POOLING = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
 
@@ -53,13 +58,16 @@ def load_task(checkpoint_or_run: str | Path) -> tuple[Any, Path]:
     cfg = checkpoint.get("mmlightning_recipe")
     if not cfg:
         raise UserError(f"{path}: not an mmlightning checkpoint (no recipe inside).")
-    if cfg.get("task") != "clip":
-        raise UserError(f"mml export writes CLIP models; {path} is a {cfg.get('task')!r} task.")
+    if cfg.get("task") not in ("clip", "vlm"):
+        raise UserError(f"mml export writes CLIP and vlm models; {path} is a {cfg.get('task')!r} task.")
     model = dict(cfg["model"])  # the checkpoint overwrites every weight: fetch or read no pretrained ones
     vision, text = dict(model.get("vision") or {}), dict(model.get("text") or {})
     if str(vision.get("name", "")).startswith("timm:"):
         vision.update(checkpoint_path=None, checkpoint_remap=None)
-    for key, spec in (("vision", vision), ("text", text)):
+    towers = [("vision", vision), ("text", text)] if cfg["task"] == "clip" else [("vision", vision)]
+    if cfg["task"] == "vlm" and (model.get("lm") or {}).get("pretrained"):
+        model["lm"] = {**model["lm"], "pretrained": False}
+    for key, spec in towers:
         if model.get("pretrained") or "pretrained" in spec:  # configs and tokenizers still come from the source
             model[key] = {**spec, "pretrained": False}
     task = build_task({**cfg, "model": model}, load_pretrained=False)
@@ -144,6 +152,8 @@ def open_clip_config(task: Any, text_dir: Path) -> dict[str, Any]:
 
 
 def to_open_clip(task: Any, out: Path) -> tuple[Path, str]:
+    if isinstance(task, VLMTask):
+        refuse("open_clip", ["a vlm run is a vision tower, a projector and a causal LM, not a CLIP: use --format hf"])
     if isinstance(task.vision, OpenCLIPVision) or isinstance(task.text, OpenCLIPText):
         return to_open_clip_native(task, out)
     config = open_clip_config(task, out / "text")  # refuses before anything is written
@@ -335,9 +345,40 @@ def image_processor(task: Any) -> Any:
                               image_mean=list(image.mean), image_std=list(image.std), do_convert_rgb=True)
 
 
+def to_hf_vlm(task: VLMTask, out: Path) -> tuple[Path, str]:
+    """A vlm run: ``lm/`` the language model with any LoRA merged in and its tokenizer (chat
+    template and ``<image>`` token included), which transformers' Auto classes load;
+    ``adapter/`` the LoRA adapter alone, which peft loads onto the base LM; the vision tower and
+    projector in ``vision_projector.safetensors``, and in ``mmlightning_vlm.json`` how the
+    three fit together (how many image tokens replace ``<image>``, the image preprocessing)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    task.lm.merged().save_pretrained(out / "lm")
+    task.lm.tokenizer.save_pretrained(out / "lm")
+    if task.lm.has_lora:
+        task.lm.model.save_pretrained(str(out / "adapter"))
+    weights = {f"{part}.{k}": v.detach().contiguous() for part in ("vision", "projector")
+               for k, v in getattr(task, part).state_dict().items()}
+    save_file(weights, str(out / "vision_projector.safetensors"))
+    config = task.vision.image_config
+    (out / "mmlightning_vlm.json").write_text(json.dumps({
+        "model": (task.recipe or {}).get("model"), "image_token": IMAGE_PLACEHOLDER,
+        "image_token_id": task.chat.image_token_id, "image_tokens": task.chat.image_tokens,
+        "image": {"size": config.size, "mean": list(config.mean), "std": list(config.std),
+                  "interpolation": config.interpolation, "crop_pct": config.crop_pct, "resize_mode": config.resize_mode},
+        "how": "input embeddings = lm's token embeddings, with the positions of image_token (image_tokens of them, "
+               "where the prompt's <image> was expanded) replaced by projector(vision(image).tokens)",
+    }, indent=2))
+    adapter = f"; peft.PeftModel.from_pretrained(<base LM>, '{out / 'adapter'}')" if task.lm.has_lora else ""
+    return out, f"transformers.AutoModelForCausalLM.from_pretrained('{out / 'lm'}') and AutoTokenizer likewise{adapter}"
+
+
 def to_hf(task: Any, out: Path) -> tuple[Path, str]:
     from transformers import VisionTextDualEncoderProcessor
 
+    if isinstance(task, VLMTask):
+        return to_hf_vlm(task, out)
     if isinstance(task.vision, HFCLIPVision) or isinstance(task.text, HFCLIPText):
         return to_hf_native(task, out)
     model = hf_model(task)  # refuses before anything is written

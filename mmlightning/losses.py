@@ -197,3 +197,21 @@ class CaptionLMLoss(nn.Module):
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=-100, label_smoothing=self.label_smoothing)
+
+
+# ---------------------------------------------------------------------- generative vision-language models
+@LOSSES.register("answer_lm")
+class AnswerLMLoss(nn.Module):
+    """Next-token cross-entropy on the answer tokens only: ``labels`` is -100 on every prompt,
+    image and padding position (encoders/chat.py), and ``logits[:, t]`` predicts
+    ``labels[:, t+1]`` (the shift happens here). The mean is over the batch's answer tokens,
+    as transformers' causal-LM loss and LLaVA take it."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        (logits,) = at_least_fp32(logits)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, label_smoothing=self.label_smoothing)

@@ -130,6 +130,7 @@ def registry_variable(reg: Registry) -> str:
 VISION_ENCODERS = Registry("vision encoder", "model.vision.name")
 TEXT_ENCODERS = Registry("text encoder", "model.text.name")
 TEXT_DECODERS = Registry("text decoder", "model.decoder.name")
+LANGUAGE_MODELS = Registry("language model", "model.lm.name")  # causal LMs read image tokens as a prefix (vlm)
 PROJECTIONS = Registry("projection head", "model.projection.name")
 FUSION_HEADS = Registry("fusion head", "model.fusion.name")
 PROMPT_LEARNERS = Registry("prompt learner", "model.prompt.name")  # learned text prompts on a frozen CLIP (CoOp)
@@ -145,5 +146,5 @@ VOCABULARIES = Registry("word vocabulary", "model.text.vocab")  # closed word li
 
 def all_registries() -> list[Registry]:
     """Every kind of component, in the order the docs list them."""
-    return [VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS, PROJECTIONS, FUSION_HEADS, PROMPT_LEARNERS, LOSSES, DATA_MODULES, TASKS,
+    return [VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS, LANGUAGE_MODELS, PROJECTIONS, FUSION_HEADS, PROMPT_LEARNERS, LOSSES, DATA_MODULES, TASKS,
             OPTIMIZERS, SCHEDULERS, PRETRAINED_CLIPS, WEIGHT_REMAPS, VOCABULARIES]

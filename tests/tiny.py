@@ -20,6 +20,8 @@ CLASSIFY = ["data.batch_size=32", "data.eval_batch_size=64", "trainer.max_epochs
 SHAPES_OBJECTS = [*CLASSIFY, "data.num_train=480", "data.num_val=48", "data.num_test=96"]
 SHAPES_VQA = [*SHAPES_CLIP, "data.num_train=96"]  # about 5 questions per image
 SHAPES_CAPTION = [*SHAPES_CLIP, "data.num_train=128", "model.generation.max_new_tokens=8", "model.generation.num_beams=2"]
+SHAPES_VLM = [*SHAPES_CLIP, "data.num_train=48", "data.num_val=16", "data.num_test=16", "data.eval_batch_size=64",
+              "model.generation.max_new_tokens=6", "model.lm.width=32", "model.lm.mlp_width=64", "model.lm.layers=1"]
 TINY_STEPS = ["trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2", "data.num_workers=0"]
 
 
@@ -87,6 +89,7 @@ def tiny_overrides(recipe: str, fx: dict[str, Path]) -> list[str]:
                                                  "hidden_dim: 32}"],
         "vqa-vqav2": lambda: vqav2_overrides(fx["vqav2"], fx["minilm"]),
         "caption-shapes": lambda: SHAPES_CAPTION,
+        "vlm-shapes": lambda: SHAPES_VLM,
         "caption-coco": lambda: karpathy_overrides(fx["karpathy"], fx["minilm"]),
         "lit-shapes-pretrained": lambda: [*SHAPES_CLIP, "model.vision.img_size=32"],  # the real packaged weights
         # tiny pretrained-format models, as open_clip and transformers save them (tests/clip_sources.py)
@@ -107,6 +110,8 @@ LOGGED = {
     "fusion_pretrain": ({"train/loss", "train/itm_loss", "train/mlm_loss", "val/itm_acc", "test/mlm_acc_no_image"},
                         "test/itm_acc"),
     "caption": ({"train/loss", "val/CIDEr-D", "test/BLEU-4", "test/exact_match"}, "test/CIDEr-D"),
+    "vlm": ({"train/loss", "val/acc", "val/CIDEr-D", "test/acc_relational", "test/blind_acc", "test/zeroed_image_acc"},
+            "test/acc"),
     "classify": ({"train/loss", "val/top1", "test/top1", "test/top5"}, "test/top1"),
     "prompt_learning": ({"train/loss", "val/top1", "test/top1"}, "test/top1"),
 }

@@ -285,7 +285,9 @@ class CaptionMetrics:
                              f"{len(references)} reference lists; they must match.")
         self.items.extend((i, str(p), [str(r) for r in rs]) for i, p, rs in zip(ids, predictions, references))
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, allow_empty: bool = False) -> dict[str, float]:
+        """The scores over every rank's captions; with ``allow_empty``, {} when there were none
+        (evaluation data that mixes captions with other items may hold none)."""
         items = self.items
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -296,6 +298,8 @@ class CaptionMetrics:
         for image_id, prediction, refs in items:
             if image_id not in predictions:  # first occurrence wins; repeats are sampler padding
                 predictions[image_id], references[image_id] = prediction, refs
+        if not predictions and allow_empty:
+            return {}
         if not predictions:
             raise ValueError("CaptionMetrics.compute called before any update.")
         return caption_scores(predictions, references)

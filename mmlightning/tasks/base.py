@@ -58,6 +58,7 @@ def most_probable_classes(logits: torch.Tensor, classnames: list[str]) -> list[s
 
 class TaskModule(L.LightningModule):
     leaves_parameters_unused = False  # True: some parameters may get no gradient in a step (DDP must know)
+    answers_questions = False  # True: predict_images takes a question (mml predict --question)
     epoch_line_metrics: tuple[str, ...] = ()  # validation metrics printed after each epoch (empty: all)
 
     def __init__(self, optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None) -> None:

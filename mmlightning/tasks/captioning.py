@@ -100,8 +100,9 @@ class CaptionTask(TaskModule):
                          "(tests compare), on PTB-style tokenised captions."])]
 
 
-def generation_options(options: dict[str, Any] | None) -> dict[str, Any]:
-    merged = dict(DEFAULT_GENERATION)
+def generation_options(options: dict[str, Any] | None, defaults: dict[str, Any] = DEFAULT_GENERATION) -> dict[str, Any]:
+    """The recipe's ``model.generation`` over a task's ``defaults``, each key checked."""
+    merged = dict(defaults)
     for key, value in (options or {}).items():
         if key not in DEFAULT_GENERATION and key not in ("top_k", "temperature", "repetition_penalty",
                                                          "no_repeat_ngram_size"):

@@ -1,0 +1,286 @@
+"""The generative vision-language task (LLaVA-style): conversations to labels, generation,
+what trains in each stage, LoRA adapters through peft, LLaVA's JSON format, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import SHAPES_VLM
+
+from mmlightning.build import build_datamodule, build_task
+from mmlightning.cli import main
+from mmlightning.config import load_recipe, resolve
+from mmlightning.encoders.chat import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from mmlightning.errors import UserError
+from mmlightning.tasks.base import read_run_checkpoint
+
+# Qwen2's ChatML layout, set on a real WordPiece tokenizer: a tokenizer with a template of its own
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY_QWEN2 = "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, num_key_value_heads: 1, " \
+             "intermediate_size: 64, max_position_embeddings: 256}"
+
+
+def tiny_task(*overrides: str):
+    cfg = resolve(load_recipe("vlm-shapes", [*SHAPES_VLM, *overrides]))
+    return cfg, build_task(cfg)
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.eos_token, tok.chat_template = "<|im_end|>", CHATML
+    folder = tmp_path_factory.mktemp("chatml-tokenizer")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def qwen2_overrides(tokenizer: Path) -> list[str]:
+    return [f"model.lm={{name: 'hf:qwen2', tokenizer: '{tokenizer}', config: {TINY_QWEN2}}}"]
+
+
+def conversation() -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nwhat colour is the circle"},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "what shape is the red object"},
+            {"role": "assistant", "content": "circle"}]
+
+
+@pytest.mark.parametrize("template", ["default", "tokenizer's own (ChatML)"])
+def test_labels_are_the_assistant_tokens_only(template: str, chatml_tokenizer: Path) -> None:
+    _, task = tiny_task(*([] if template == "default" else qwen2_overrides(chatml_tokenizer)))
+    chat, tok = task.chat, task.lm.tokenizer
+    ids, labels = chat.encode(conversation(), "test")
+    image = [k for k, t in enumerate(ids) if t == chat.image_token_id]
+    assert len(image) == chat.image_tokens == 64 and image == list(range(image[0], image[0] + 64))
+    assert all(labels[k] == IGNORE_INDEX for k in image)
+    answered = [k for k, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    assert all(labels[k] == ids[k] for k in answered)
+    # the labelled tokens are the two answers, each with its end-of-turn token, and nothing else
+    assert tok.convert_ids_to_tokens([ids[k] for k in answered]) == ["red", tok.eos_token, "circle", tok.eos_token]
+    prompt = tok.decode([t for k, t in enumerate(ids) if k < answered[0] and t != chat.image_token_id])
+    assert "what colour is the circle" in prompt and "red" not in prompt
+    # the generation prompt is the conversation's text up to where the first answer starts
+    first = chat.encode_prompt(conversation()[:1], "test")
+    assert first == ids[:answered[0]]
+
+
+def test_truncation_cuts_the_answer_never_the_image() -> None:
+    _, task = tiny_task("model.max_length=70")
+    ids, labels = task.chat.encode(conversation(), "record 3")
+    assert len(ids) == 70 and ids.count(task.chat.image_token_id) == 64
+    _, task = tiny_task("model.max_length=60")
+    with pytest.raises(UserError, match=r"record 3: the image's 64 tokens end at position 66, past max_length 60"):
+        task.chat.encode(conversation(), "record 3")
+
+
+@pytest.mark.parametrize("lm", ["llama", "qwen2"])
+def test_left_padded_batch_generates_as_one_prompt_at_a_time(lm: str, chatml_tokenizer: Path) -> None:
+    torch.manual_seed(0)
+    _, task = tiny_task(*([] if lm == "llama" else qwen2_overrides(chatml_tokenizer)))
+    task.eval()
+    questions = ["what colour is the circle", "is there a cross", "what colour is the object left of the large square"]
+    images = torch.randn(3, 3, 64, 64)
+    batch = task.prompts(questions)
+    assert (batch["attention_mask"][:, 0] == 0).any() and (batch["attention_mask"][:, -1] == 1).all()  # left-padded
+    together = task.answer(images, **batch, max_new_tokens=6, min_new_tokens=6)
+    alone = [task.answer(images[k:k + 1], **task.prompts([q]), max_new_tokens=6, min_new_tokens=6)[0]
+             for k, q in enumerate(questions)]
+    assert together == alone and all(len(a.split()) >= 3 for a in together)
+
+
+def run_state(run: Path) -> dict[str, torch.Tensor]:
+    return read_run_checkpoint(run / "checkpoints" / "last.ckpt", "test")[2]
+
+
+def test_stages_train_what_they_say(tmp_path: Path) -> None:
+    """A full run, then stage 1 from it (the projector alone changes), then stage 2 with LoRA
+    (the projector and the adapters change; every base LM weight stays bit-identical)."""
+    steps = ["trainer.max_steps=3", "trainer.limit_val_batches=1", "logger.name=none"]
+    assert main(["fit", "vlm-shapes", *SHAPES_VLM, *steps, "run.name=full"]) == 0
+    assert main(["fit", "vlm-shapes", *SHAPES_VLM, *steps, "run.name=stage1", "model.freeze_lm=true",
+                 f"model.init_from={tmp_path / 'runs' / 'full'}"]) == 0
+    assert main(["fit", "vlm-shapes", *SHAPES_VLM, *steps, "run.name=stage2", "optimizer.lr=0.01",
+                 "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+                 f"model.init_from={tmp_path / 'runs' / 'stage1'}"]) == 0
+    full, stage1, stage2 = (run_state(tmp_path / "runs" / name) for name in ("full", "stage1", "stage2"))
+    changed = {k for k in full if not torch.equal(full[k], stage1[k])}
+    assert changed and all(k.startswith("projector.") for k in changed), changed
+    base = {k.replace("lm.model.base_model.model.", "lm.model.").replace(".base_layer.", "."): v
+            for k, v in stage2.items() if "lora_" not in k}
+    assert set(base) == set(stage1)
+    assert all(torch.equal(base[k], stage1[k]) for k in base if not k.startswith("projector.")), \
+        [k for k in base if not k.startswith("projector.") and not torch.equal(base[k], stage1[k])]
+    assert any(not torch.equal(base[k], stage1[k]) for k in base if k.startswith("projector."))
+    lora_b = [v for k, v in stage2.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 1 and all(v.abs().sum() > 0 for v in lora_b)  # q and v of the one layer; B starts at 0
+
+
+def test_adapter_reloads_and_merges_to_the_same_logits(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    _, task = tiny_task("model.lora={r: 4, target_modules: [q_proj, v_proj]}")
+    with torch.no_grad():  # B starts at zero: give the adapter something to carry
+        for name, p in task.lm.model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    task.eval()
+    images, batch = torch.randn(2, 3, 64, 64), task.prompts(["what colour is the circle", "is there a cross"])
+    logits = task(images, batch["input_ids"], batch["attention_mask"])
+    folder = task.save_adapter(tmp_path / "adapter")
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+
+    torch.manual_seed(1)  # another projector and other adapters, the same base LM
+    _, again = tiny_task("model.lora={r: 4, target_modules: [q_proj, v_proj]}")
+    again.vision.load_state_dict(task.vision.state_dict())
+    again.lm.model.base_model.model.load_state_dict(
+        {k: v for k, v in task.lm.model.base_model.model.state_dict().items() if "lora_" not in k}, strict=False)
+    again.eval()
+    assert not torch.allclose(again(images, batch["input_ids"], batch["attention_mask"]), logits)
+    again.load_adapter(folder)
+    torch.testing.assert_close(again(images, batch["input_ids"], batch["attention_mask"]), logits, rtol=0, atol=0)
+
+    # peft's own loader puts the folder's adapter on the plain base model: the same logits
+    import copy
+
+    embeds, mask = task.embed(images, batch["input_ids"]), batch["attention_mask"]
+    base = copy.deepcopy(task.lm.model).unload()  # the adapters taken out, nothing merged
+    assert not torch.allclose(base(inputs_embeds=embeds, attention_mask=mask).logits, logits)
+    reloaded = PeftModel.from_pretrained(base, str(folder)).eval()
+    torch.testing.assert_close(reloaded(inputs_embeds=embeds, attention_mask=mask).logits, logits, rtol=0, atol=0)
+    # merged for export: the LoRA updates folded into the weights give the same logits
+    merged = task.lm.merged()
+    assert not any("lora_" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged(inputs_embeds=embeds, attention_mask=mask).logits, logits, rtol=0, atol=1e-5)
+
+
+def write_llava(root: Path, n_train: int = 24, n_eval: int = 8) -> dict[str, Path]:
+    """Shapes scenes as PNG files and LLaVA-format JSON: multi-turn training records, and
+    evaluation records that are VQA (with human answers) or captions."""
+    from PIL import Image
+
+    from mmlightning.data_modules import shapes_world as world
+
+    (root / "images").mkdir(parents=True)
+    files = {}
+    for split, n in (("train", n_train), ("val", n_eval), ("test", n_eval)):
+        scenes = world.generate(split, n, seed=5, image_size=64, with_questions=True)
+        records = []
+        for i in range(n):
+            name = f"{split}_{i:03d}.png"
+            Image.fromarray(scenes.images[i]).save(root / "images" / name)
+            q = scenes.questions[i][0]
+            if split == "train":
+                turns = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"}, {"from": "gpt", "value": q.answer},
+                         {"from": "human", "value": "what objects are there"}, {"from": "gpt", "value": scenes.captions[i][0]}]
+                records.append({"id": f"{split}-{i}", "image": name, "conversations": turns})
+            else:
+                records.append({"id": f"{split}-{i}-q", "image": name, "answers": [q.answer] * 10,
+                                "question_type": q.family,
+                                "conversations": [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{q.question}"},
+                                                  {"from": "gpt", "value": q.answer}]})
+                records.append({"id": f"{split}-{i}-c", "image": name, "references": scenes.captions[i],
+                                "conversations": [{"from": "human", "value": f"what objects are there\n{IMAGE_PLACEHOLDER}"},
+                                                  {"from": "gpt", "value": scenes.captions[i][0]}]})
+        files[split] = root / f"{split}.json"
+        files[split].write_text(json.dumps(records))
+    return files
+
+
+def llava_overrides(files: dict[str, Path], root: Path) -> list[str]:
+    return ["data={name: llava_json, batch_size: 8, eval_batch_size: 8}", f"data.train_json={files['train']}",
+            f"data.val_json={files['val']}", f"data.test_json={files['test']}", f"data.image_root={root / 'images'}"]
+
+
+def test_llava_json_trains_and_scores_vqa_and_captions(tmp_path: Path) -> None:
+    files = write_llava(tmp_path / "llava")
+    assert main(["fit", "vlm-shapes", *SHAPES_VLM, *llava_overrides(files, tmp_path / "llava"), "run.name=llava",
+                 "logger.name=none"]) == 0
+    summary = json.loads((tmp_path / "runs" / "llava" / "summary.json").read_text())
+    test = summary["test"]
+    assert summary["global_step"] == 3  # 24 records, batches of 8, the last kept
+    for key in ("test/acc", "test/blind_acc", "test/zeroed_image_acc", "test/CIDEr-D", "test/BLEU-4"):
+        assert key in test, sorted(test)
+    assert any(k.startswith("test/acc_") for k in test)  # per question type
+
+
+@pytest.mark.parametrize("content, what", [("what colour is the circle", "missing"),
+                                           (f"{IMAGE_PLACEHOLDER} what colour {IMAGE_PLACEHOLDER}", r"repeated \(2 times\)")])
+def test_a_record_without_its_image_or_with_two_fails_naming_it(tmp_path: Path, content: str, what: str) -> None:
+    files = write_llava(tmp_path / "llava")
+    records = json.loads(files["train"].read_text())
+    records[5]["conversations"][0]["value"] = content
+    files["train"].write_text(json.dumps(records))
+    cfg = resolve(load_recipe("vlm-shapes", [*SHAPES_VLM, *llava_overrides(files, tmp_path / "llava")]))
+    dm = build_datamodule(cfg, build_task(cfg))
+    with pytest.raises(UserError, match=rf"train.json: record 5 \(id 'train-5'\): the image placeholder <image> is {what}"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora={r: 4, target_modules: [q_prj]}", r"model.lora.target_modules: \['q_prj'\] name no layer of "
+                                                    r"LlamaForCausalLM; its linear layers: .*q_proj"),
+    ("model.lora={r: 4, rank: 8}", r"model.lora.rank: unknown LoRA option"),
+    ("model.lr_scale={visoin: 0.1}", r"model.lr_scale.visoin: not a part of this model. Did you mean 'vision'"),
+    ("model.freeze_lm=true|model.lora={r: 4}", r"model.lora with model.freeze_lm=true"),
+    ("model.max_length=1024", r"model.max_length=1024 exceeds the language model's 256 positions"),
+    ("model.lm={name: 'hf:llama', tokenizer: shapes, chat_template: chatml}", r"model.lm.chat_template: 'chatml'; "
+                                                                            r"valid: null .* or 'default'"),
+])
+def test_bad_model_settings_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        tiny_task(*override.split("|"))
+
+
+def test_data_without_conversations_names_the_data_modules_that_fit() -> None:
+    from mmlightning.data_modules.shapes import ShapesCaptionData
+
+    _, task = tiny_task()
+    data = ShapesCaptionData(**task.data_spec().as_kwargs(), num_train=8)
+    with pytest.raises(UserError, match="task vlm needs conversation data .* shapes_vlm, llava_json"):
+        task.bind_data(data)
+
+
+def test_export_folder_loads_in_transformers_and_peft(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmlightning.export import load_task
+
+    lora = "model.lora={r: 4, target_modules: [q_proj, v_proj]}"
+    assert main(["fit", "vlm-shapes", *SHAPES_VLM, lora, "optimizer.lr=0.01", "trainer.max_steps=3",
+                 "trainer.limit_val_batches=1", "logger.name=none", "run.name=lora"]) == 0
+    run = tmp_path / "runs" / "lora"
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "out")]) == 0
+    task, _ = load_task(run)
+    images, batch = torch.randn(2, 3, 64, 64), task.prompts(["what colour is the circle", "is there a cross"])
+    with torch.no_grad():
+        embeds, mask = task.embed(images, batch["input_ids"]), batch["attention_mask"]
+        logits = task(images, batch["input_ids"], mask)
+        lm = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "lm").eval()
+        torch.testing.assert_close(lm(inputs_embeds=embeds, attention_mask=mask).logits, logits, rtol=0, atol=1e-5)
+        import copy
+
+        base = copy.deepcopy(task.lm.model).unload()
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()
+        torch.testing.assert_close(adapted(inputs_embeds=embeds, attention_mask=mask).logits, logits, rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "lm")
+    info = json.loads((tmp_path / "out" / "mmlightning_vlm.json").read_text())
+    assert tok.convert_tokens_to_ids(info["image_token"]) == info["image_token_id"] and info["image_tokens"] == 64
+    assert tok.apply_chat_template([{"role": "user", "content": "<image>\nis there a cross"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("<|assistant|>")
+    # mml predict asks each image the question
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(tmp_path / "imgs" / "a.png")
+    assert main(["predict", str(run), "--images", str(tmp_path / "imgs"), "--question", "is there a cross",
+                 "--out", str(tmp_path / "answers.json")]) == 0
+    assert isinstance(json.loads((tmp_path / "answers.json").read_text())["a.png"], str)
