@@ -111,9 +111,11 @@ def user_turn(text: str, first: bool) -> dict[str, str]:
 class ShapesVLMData(ShapesQuestionWorld):
     """Shapes-world images with their captions and questions as conversations.
 
-    Training: every (caption prompt, caption) and (question, answer) pair of an image, in a
-    seeded order, ``conversation_turns`` per conversation (LLaVA trains multi-turn: the image
-    is read once for several answers). Evaluation: each image's caption prompt, scored against
+    Training: per image, one conversation asking for a caption (one of its captions, a seeded
+    draw) and its questions in a seeded order, ``conversation_turns`` per conversation (LLaVA
+    trains multi-turn: the image is read once for several answers). Captions stay in their own
+    conversation: a question that came after its image's caption could be answered by reading
+    the caption instead of the image. Evaluation: each image's caption prompt, scored against
     all its captions, and each of its questions, scored by VQA accuracy per question family.
     """
 
@@ -141,17 +143,23 @@ class ShapesVLMData(ShapesQuestionWorld):
         return ConversationEval(images, owner, prompts, kind, refs, types, texts, self.tokenizer)
 
     def _train(self, rendered: world.ShapesSplit, images: TensorImageBank) -> ConversationTrain:
-        order = torch.Generator().manual_seed(self.seed)
+        draw = torch.Generator().manual_seed(self.seed)
         owner, ids, labels = [], [], []
+
+        def add(i: int, pairs: list[tuple[str, str]]) -> None:
+            messages: list[dict[str, str]] = []
+            for question, answer in pairs:
+                messages += [user_turn(question, first=not messages), {"role": "assistant", "content": answer}]
+            seq, lab = self.tokenizer.encode(messages, f"data (train image {i})")
+            owner.append(i), ids.append(seq), labels.append(lab)
+
         for i, (captions, questions) in enumerate(zip(rendered.captions, rendered.questions)):
-            pairs = [(self.caption_prompt, c) for c in captions] + [(q.question, q.answer) for q in questions]
-            pairs = [pairs[k] for k in torch.randperm(len(pairs), generator=order).tolist()]
+            caption = captions[int(torch.randint(len(captions), (1,), generator=draw))]
+            add(i, [(self.caption_prompt, caption)])
+            pairs = [(q.question, q.answer) for q in questions]
+            pairs = [pairs[k] for k in torch.randperm(len(pairs), generator=draw).tolist()]
             for start in range(0, len(pairs), self.conversation_turns):
-                messages: list[dict[str, str]] = []
-                for question, answer in pairs[start:start + self.conversation_turns]:
-                    messages += [user_turn(question, first=not messages), {"role": "assistant", "content": answer}]
-                seq, lab = self.tokenizer.encode(messages, f"data (train image {i})")
-                owner.append(i), ids.append(seq), labels.append(lab)
+                add(i, pairs[start:start + self.conversation_turns])
         return ConversationTrain(images, owner, ids, labels, self.tokenizer)
 
 

@@ -122,3 +122,11 @@ def test_formats_table(tmp_path: Path) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
     assert set(rows) == {"shapes", "parquet", "coco"}
     assert rows["parquet"][3] == "6" and int(rows["coco"][3]) > 6  # coco's epoch is every caption
+
+
+@pytest.mark.slow
+def test_vlm_memory_table() -> None:
+    out = run("vlm_memory.py", "--width", "64", "--layers", "1", "--batch-size", "2", "--steps", "2")
+    rows = {line.split("  ")[0]: line for line in out.splitlines() if line.startswith(("full LM", "LoRA", "projector"))}
+    assert len(rows) == 3 and all(row.count("MiB") == 2 for row in rows.values())
+    assert re.search(r"LoRA / full: trained params 0\.\d{4}, optimizer state 0\.\d{4}, peak memory \d+\.\d{3}", out)

@@ -24,6 +24,7 @@ TABLE_REGISTRIES = {
     "model.fusion": [registry.FUSION_HEADS],
     "model.prompt": [registry.PROMPT_LEARNERS],
     "model.decoder": [registry.TEXT_DECODERS],
+    "model.lm": [registry.LANGUAGE_MODELS],
     "loss": [registry.LOSSES],
     "data": [registry.DATA_MODULES],
     "optimizer / schedule": [registry.OPTIMIZERS, registry.SCHEDULERS],
