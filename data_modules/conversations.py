@@ -70,16 +70,21 @@ class FileImageBank:
 
 
 class ConversationTrain(Dataset):
-    """Encoded training conversations; ``owner[k]`` is conversation k's image."""
+    """Encoded training conversations; ``owner[k]`` is conversation k's image. Packed ones
+    (``ChatFormat.pack``) carry their ``positions`` and ``segments``."""
 
-    def __init__(self, images: Any, owner: list[int], ids: list[list[int]], labels: list[list[int]], chat: Any) -> None:
+    def __init__(self, images: Any, owner: list[int], ids: list[list[int]], labels: list[list[int]], chat: Any,
+                 positions: list[list[int]] | None = None, segments: list[list[int]] | None = None) -> None:
         self.images, self.owner, self.ids, self.labels, self.chat = images, owner, ids, labels, chat
+        self.positions, self.segments = positions, segments
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        batch = self.chat.collate([self.ids[i] for i in indices], [self.labels[i] for i in indices])
+        packed = {} if self.segments is None else {"positions": [self.positions[i] for i in indices],
+                                                    "segments": [self.segments[i] for i in indices]}
+        batch = self.chat.collate([self.ids[i] for i in indices], [self.labels[i] for i in indices], **packed)
         return {"image": self.images([self.owner[i] for i in indices]), **batch,
                 "sample_id": torch.tensor([int(i) for i in indices])}
 
@@ -111,21 +116,21 @@ def user_turn(text: str, first: bool) -> dict[str, str]:
 class ShapesVLMData(ShapesQuestionWorld):
     """Shapes-world images with their captions and questions as conversations.
 
-    Training: per image, one conversation asking for a caption (one of its captions, a seeded
-    draw) and its questions in a seeded order, ``conversation_turns`` per conversation (LLaVA
-    trains multi-turn: the image is read once for several answers). Captions stay in their own
-    conversation: a question that came after its image's caption could be answered by reading
+    Training: each image's caption prompt (answered by one of its captions, a seeded draw) and
+    its questions, each a conversation of one turn as in evaluation, ``pack_per_image`` of them
+    packed around one copy of the image (``ChatFormat.pack``: each answer sees the image and its
+    own question only, the same logits as alone, for one pass over the image's 64 tokens).
+    Multi-turn conversations would let a later question be answered from an earlier answer or
     the caption instead of the image. Evaluation: each image's caption prompt, scored against
     all its captions, and each of its questions, scored by VQA accuracy per question family.
     """
 
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig,
-                 caption_prompt: str = "what objects are there", conversation_turns: int = 1,
-                 **kwargs: Any) -> None:
+                 caption_prompt: str = "what objects are there", pack_per_image: int = 1, **kwargs: Any) -> None:
         super().__init__(tokenizer, max_length, image_config, **kwargs)
-        if isinstance(conversation_turns, bool) or not isinstance(conversation_turns, int) or conversation_turns < 1:
-            raise UserError(f"data.conversation_turns must be a whole number >= 1, got {conversation_turns!r}")
-        self.caption_prompt, self.conversation_turns = caption_prompt, conversation_turns
+        if isinstance(pack_per_image, bool) or not isinstance(pack_per_image, int) or pack_per_image < 1:
+            raise UserError(f"data.pack_per_image must be a whole number >= 1, got {pack_per_image!r}")
+        self.caption_prompt, self.pack_per_image = caption_prompt, pack_per_image
 
     def build_split(self, split: str) -> Dataset:
         rendered = self.take_render(split)
@@ -144,23 +149,17 @@ class ShapesVLMData(ShapesQuestionWorld):
 
     def _train(self, rendered: world.ShapesSplit, images: TensorImageBank) -> ConversationTrain:
         draw = torch.Generator().manual_seed(self.seed)
-        owner, ids, labels = [], [], []
-
-        def add(i: int, pairs: list[tuple[str, str]]) -> None:
-            messages: list[dict[str, str]] = []
-            for question, answer in pairs:
-                messages += [user_turn(question, first=not messages), {"role": "assistant", "content": answer}]
-            seq, lab = self.tokenizer.encode(messages, f"data (train image {i})")
-            owner.append(i), ids.append(seq), labels.append(lab)
-
+        owner, ids, labels, positions, segments = [], [], [], [], []
         for i, (captions, questions) in enumerate(zip(rendered.captions, rendered.questions)):
             caption = captions[int(torch.randint(len(captions), (1,), generator=draw))]
-            add(i, [(self.caption_prompt, caption)])
-            pairs = [(q.question, q.answer) for q in questions]
+            pairs = [(self.caption_prompt, caption)] + [(q.question, q.answer) for q in questions]
             pairs = [pairs[k] for k in torch.randperm(len(pairs), generator=draw).tolist()]
-            for start in range(0, len(pairs), self.conversation_turns):
-                add(i, pairs[start:start + self.conversation_turns])
-        return ConversationTrain(images, owner, ids, labels, self.tokenizer)
+            for start in range(0, len(pairs), self.pack_per_image):
+                conversations = [[user_turn(q, first=True), {"role": "assistant", "content": a}]
+                                 for q, a in pairs[start:start + self.pack_per_image]]
+                seq, lab, pos, seg = self.tokenizer.pack(conversations, f"data (train image {i})")
+                owner.append(i), ids.append(seq), labels.append(lab), positions.append(pos), segments.append(seg)
+        return ConversationTrain(images, owner, ids, labels, self.tokenizer, positions, segments)
 
 
 def llava_messages(record: Any, where: str) -> list[dict[str, str]]:

@@ -315,9 +315,13 @@ def test_streamed_parquet_two_ranks_two_workers_once_per_epoch(tmp_path: Path, m
         return subprocess.run([sys.executable, "-m", "mmlightning.cli", "fit", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=400)
 
-    straight = fit("straight", *recipe, "run.name=ddp")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    ranks = [recorded(tmp_path, "straight", r) for r in (0, 1)]
+    # stopped by SIGTERM mid-epoch (step 13 of 20: epoch 1, batch 3) and resumed; the two legs together must be
+    # two whole epochs: every row once per epoch on the two ranks, none repeated or skipped around the cut
+    cut = fit("cut", *recipe, "run.name=ddp", stop_at=13)
+    assert cut.returncode == 143, cut.stderr[-3000:]
+    resumed = fit("cut", "clip-wds", "--resume", "runs/ddp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ranks = [recorded(tmp_path, "cut", r) for r in (0, 1)]
     for epoch in (0, 1):
         batches = [[ids for step, ids in train.items() if step // 10 == epoch] for train, _ in ranks]
         assert [len(b) for b in batches] == [10, 10]  # the same number of steps on both ranks
@@ -331,10 +335,22 @@ def test_streamed_parquet_two_ranks_two_workers_once_per_epoch(tmp_path: Path, m
         assert counts[f"data/val_skipped_{kind}"] == expected.get(kind, 0), kind
     assert counts["data/train_skipped_bad_image"] == 0
 
-    # stopped mid-epoch (step 13 of 20: epoch 1, batch 3) and resumed: the same next batches on both ranks
-    cut = fit("cut", *recipe, "run.name=cut", stop_at=13)
-    assert cut.returncode == 143, cut.stderr[-3000:]
-    resumed = fit("cut", "clip-wds", "--resume", "runs/cut")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for rank in (0, 1):
-        assert recorded(tmp_path, "cut", rank)[0] == ranks[rank][0]
+
+def test_a_resumed_parquet_epoch_continues_with_the_same_batches(tmp_path: Path, minilm_dir: Path) -> None:
+    """The loader state a checkpoint keeps (epoch, batches done) resumes a streamed Parquet
+    epoch with two workers on the very batches the uninterrupted epoch had next."""
+    write("parquet", "train", "--num", "96", "--shard-size", "16")
+
+    def epoch_batches(state: dict[str, int] | None) -> list[dict]:
+        loader = StreamLoader(stream(open_table("train", "data.train_data", "image", "caption"), minilm_dir, train=True),
+                              epoch=lambda: 1, batches_done=lambda: 0, num_workers=2)
+        if state:
+            loader.load_state_dict(state)
+        torch.manual_seed(len(state or {}))  # crops must not depend on the main process's RNG
+        return list(loader)
+
+    full = epoch_batches(None)
+    assert len(full) == 12  # 2 workers x (48 // 8) batches
+    resumed = epoch_batches({"epoch": 1, "batches_done": 5})
+    assert [b["image_id"].tolist() for b in resumed] == [b["image_id"].tolist() for b in full[5:]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, full[5:]))

@@ -137,22 +137,64 @@ class ChatFormat:
                               f"{self.max_length}; raise model.max_length (truncation never cuts the image).")
         return ids[:self.max_length], labels[:self.max_length]
 
+    def pack(self, conversations: list[list[dict[str, str]]], where: str) -> tuple[list[int], ...]:
+        """Conversations about one image in one sequence that holds the image once: the shared
+        start (through the image tokens) and then each conversation's own tokens, as a block.
+        Returns ids, labels, position ids and segments (0: the shared start, k: the k-th
+        conversation), from which ``block_attention`` lets each block see the shared start and
+        itself only, at the positions it has alone: the same logits as encoding each
+        conversation apart, for one pass over the image."""
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        segments: list[int] = []
+        for k, messages in enumerate(conversations, start=1):
+            seq, lab = self.encode(messages, where)
+            start = seq.index(self.image_token_id) + self.image_tokens
+            if not ids:
+                ids, labels = seq[:start], lab[:start]
+                positions, segments = list(range(start)), [0] * start
+            elif seq[:start] != ids[:start]:
+                raise UserError(f"{where}: conversation {k} starts differently from the first up to the image, so "
+                                  f"they cannot share it; pack conversations whose first message starts alike.")
+            ids, labels = ids + seq[start:], labels + lab[start:]
+            positions += list(range(start, len(seq)))
+            segments += [k] * (len(seq) - start)
+        if len(ids) > self.max_length:
+            raise UserError(f"{where}: {len(conversations)} conversations packed take {len(ids)} tokens, past "
+                              f"max_length {self.max_length}; pack fewer or raise model.max_length.")
+        return ids, labels, positions, segments
+
     # ------------------------------------------------------------------ batches
     def collate(self, sequences: list[list[int]], labels: list[list[int]] | None = None,
-                left: bool = False) -> dict[str, torch.Tensor]:
+                left: bool = False, positions: list[list[int]] | None = None,
+                segments: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
         """Pad to the longest: on the right for training (``labels`` padded with -100), on the
-        left for generation, so every prompt ends where the answer starts."""
+        left for generation, so every prompt ends where the answer starts. Packed sequences
+        (``pack``) bring their ``position_ids`` and ``segments`` (-1 on padding)."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        out_labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+        extra = {"labels": (labels, IGNORE_INDEX), "position_ids": (positions, 0), "segments": (segments, -1)}
+        filled = {key: torch.full((len(sequences), width), fill, dtype=torch.long)
+                  for key, (rows, fill) in extra.items() if rows is not None}
         for row, seq in enumerate(sequences):
             cut = slice(width - len(seq), width) if left else slice(0, len(seq))
             ids[row, cut] = torch.tensor(seq, dtype=torch.long)
             mask[row, cut] = 1
-            if labels is not None:
-                out_labels[row, cut] = torch.tensor(labels[row], dtype=torch.long)
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if labels is not None:
-            batch["labels"] = out_labels
-        return batch
+            for key, tensor in filled.items():
+                tensor[row, cut] = torch.tensor(extra[key][0][row], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, **filled}
+
+
+def block_attention(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask (B, 1, T, T) of packed sequences (``ChatFormat.pack``):
+    causal, and a token of block k attends to the shared start (segment 0) and to block k,
+    never to padding (-1) or another block. 0 where attention is allowed, the dtype's minimum
+    elsewhere: the 4-D form transformers' models take as it is."""
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device)  # padding rows see themselves
+    zero = torch.zeros((), dtype=dtype, device=segments.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]

@@ -88,9 +88,12 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, T, V) for every position."""
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, V) for every position; ``attention_mask`` is (B, T) or a
+        4-D additive mask (packed sequences, with their ``position_ids``)."""
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).logits
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **options: Any) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mmlightning.data_modules.base import Conversations, TaskData
-from mmlightning.encoders.chat import ChatFormat
+from mmlightning.encoders.chat import ChatFormat, block_attention
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
 from mmlightning.metrics import CaptionMetrics, VQAAccuracy
@@ -146,7 +146,12 @@ class VLMTask(TaskModule):
         return self.lm(self.embed(images, input_ids), attention_mask)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self(batch["image"], batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        if "segments" in batch:  # conversations packed around one image: each block sees the image and itself
+            embeds = self.embed(batch["image"], batch["input_ids"])
+            logits = self.lm(embeds, block_attention(batch["segments"], embeds.dtype), batch["position_ids"])
+        else:
+            logits = self(batch["image"], batch["input_ids"], batch["attention_mask"])
+        loss = self.loss_fn(logits, batch["labels"])
         self.log("train/loss", loss)
         return loss
 
