@@ -127,6 +127,7 @@ def test_formats_table(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_vlm_memory_table() -> None:
     out = run("vlm_memory.py", "--width", "64", "--layers", "1", "--batch-size", "2", "--steps", "2")
-    rows = {line.split("  ")[0]: line for line in out.splitlines() if line.startswith(("full LM", "LoRA", "projector"))}
+    rows = {line.split("  ")[0]: line for line in out.splitlines()
+            if line.startswith(("full LM", "LoRA r=", "projector"))}
     assert len(rows) == 3 and all(row.count("MiB") == 2 for row in rows.values())
     assert re.search(r"LoRA / full: trained params 0\.\d{4}, optimizer state 0\.\d{4}, peak memory \d+\.\d{3}", out)

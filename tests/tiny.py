@@ -20,7 +20,7 @@ CLASSIFY = ["data.batch_size=32", "data.eval_batch_size=64", "trainer.max_epochs
 SHAPES_OBJECTS = [*CLASSIFY, "data.num_train=480", "data.num_val=48", "data.num_test=96"]
 SHAPES_VQA = [*SHAPES_CLIP, "data.num_train=96"]  # about 5 questions per image
 SHAPES_CAPTION = [*SHAPES_CLIP, "data.num_train=128", "model.generation.max_new_tokens=8", "model.generation.num_beams=2"]
-SHAPES_VLM = [*SHAPES_CLIP, "data.num_train=48", "data.num_val=16", "data.num_test=16", "data.eval_batch_size=64",
+SHAPES_VLM = [*SHAPES_CLIP, "data.num_train=48", "data.num_val=16", "data.num_test=16", "data.batch_size=8", "data.eval_batch_size=64",
               "model.generation.max_new_tokens=6", "model.lm.width=32", "model.lm.mlp_width=64", "model.lm.layers=1"]
 TINY_STEPS = ["trainer.max_epochs=1", "trainer.log_every_n_steps=2", "scheduler.warmup_steps=2", "data.num_workers=0"]
 
