@@ -39,34 +39,11 @@ class HFCausalDecoder(nn.Module):
     def __init__(self, name_or_path: str, pretrained: bool = False, config: dict[str, Any] | None = None,
                  tokenizer: str | None = None, max_length: int = 32, where: str = "model.decoder") -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
         missing_folder(name_or_path, f"{where}.name")
         self.tokenizer = load_decoder_tokenizer(tokenizer or name_or_path)
         overrides = {"add_cross_attention": True, "is_decoder": True, **(config or {})}
-        ids = {"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
-               "pad_token_id": self.tokenizer.pad_token_id}
-        try:
-            if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING and not pretrained:
-                if tokenizer is None:
-                    raise UserError(f"{where}.tokenizer: hf:{name_or_path} is built from a config and has no vocabulary: "
-                                      f"give tokenizer: <local dir, hub id, 'shapes' or a word-list file>.")
-                hf_config = AutoConfig.for_model(name_or_path, vocab_size=len(self.tokenizer), **ids, **overrides)
-                pretrained = False
-            else:
-                hf_config = AutoConfig.from_pretrained(name_or_path, **overrides)
-                hf_config.update({k: v for k, v in ids.items() if getattr(hf_config, k, None) is None})
-            if pretrained:
-                self.model = AutoModelForCausalLM.from_pretrained(name_or_path, config=hf_config)
-            else:
-                self.model = AutoModelForCausalLM.from_config(hf_config)
-        except OSError as err:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise UserError(f"{where}.name: hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
-                              f"{str(err).splitlines()[0]} Give a local directory or a model type with config:.") from None
-        except ValueError as err:  # e.g. an encoder-only architecture has no causal LM head
-            raise UserError(f"{where}.name: hf:{name_or_path}: not usable as a captioning decoder: {err}") from None
+        self.model, hf_config = load_causal_lm(name_or_path, pretrained, overrides, self.tokenizer, tokenizer is not None,
+                                               where, "a captioning decoder")
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise UserError(f"{where}.tokenizer: hf:{name_or_path}: tokenizer has {len(self.tokenizer)} tokens, the model "
                               f"{self.model.config.vocab_size}.")
@@ -97,6 +74,40 @@ def small_decoder(vocab: str = "shapes", width: int = 128, layers: int = 2, head
     config = {"n_embd": width, "n_layer": layers, "n_head": heads, "n_positions": max_length,
               "resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
     return HFCausalDecoder("gpt2", pretrained=False, config=config, tokenizer=vocab, max_length=max_length)
+
+
+def load_causal_lm(name_or_path: str, pretrained: bool, config: dict[str, Any], tokenizer: Any, tokenizer_given: bool,
+                   where: str, purpose: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """An ``AutoModelForCausalLM`` and its config: from a local directory or hub id (weights
+    with ``pretrained``), or a model type built from ``config`` alone over ``tokenizer``'s
+    vocabulary (which must then have been given); ``config`` overrides fields either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    try:
+        if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING and not pretrained:
+            if not tokenizer_given:
+                raise UserError(f"{where}.tokenizer: hf:{name_or_path} is built from a config and has no vocabulary: "
+                                  f"give tokenizer: <local dir, hub id, 'shapes' or a word-list file>.")
+            hf_config = AutoConfig.for_model(name_or_path, vocab_size=len(tokenizer), **ids, **config)
+            pretrained = False
+        else:
+            hf_config = AutoConfig.from_pretrained(name_or_path, **config)
+            hf_config.update({k: v for k, v in ids.items() if getattr(hf_config, k, None) is None})
+        if pretrained:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, config=hf_config,
+                                                         **({"dtype": dtype} if dtype is not None else {}))
+        else:
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserError(f"{where}.name: hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
+                          f"{str(err).splitlines()[0]} Give a local directory or a model type with config:.") from None
+    except (ValueError, AttributeError) as err:  # e.g. an encoder-only architecture has no causal LM head
+        raise UserError(f"{where}.name: hf:{name_or_path}: not usable as {purpose}: {err}") from None
+    return model, hf_config
 
 
 def load_decoder_tokenizer(name: str):

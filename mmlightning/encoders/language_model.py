@@ -12,15 +12,13 @@ the default one: chat.py), with the embedding table grown to match. LoRA comes f
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmlightning.encoders.chat import DEFAULT_CHAT_TEMPLATE, prepare_chat_tokenizer
-from mmlightning.encoders.decoder import load_decoder_tokenizer
+from mmlightning.encoders.decoder import load_causal_lm, load_decoder_tokenizer
 from mmlightning.encoders.weights import missing_folder
 from mmlightning.errors import UserError
 from mmlightning.registry import LANGUAGE_MODELS, did_you_mean
@@ -44,9 +42,6 @@ class CausalLM(nn.Module):
                  tokenizer: str | None = None, chat_template: str | None = None, dtype: str | None = None,
                  where: str = "model.lm") -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
         missing_folder(name_or_path, f"{where}.name")
         self.tokenizer = load_decoder_tokenizer(tokenizer or name_or_path)
         if chat_template not in (None, "default"):
@@ -55,28 +50,9 @@ class CausalLM(nn.Module):
         if chat_template == "default":
             self.tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         prepare_chat_tokenizer(self.tokenizer)
-        ids = {"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
-               "pad_token_id": self.tokenizer.pad_token_id}
-        try:
-            if not Path(name_or_path).is_dir() and name_or_path in CONFIG_MAPPING and not pretrained:
-                if tokenizer is None:
-                    raise UserError(f"{where}.tokenizer: hf:{name_or_path} is built from a config and has no vocabulary: "
-                                      f"give tokenizer: <local dir, hub id, 'shapes' or a word-list file>.")
-                hf_config = AutoConfig.for_model(name_or_path, vocab_size=len(self.tokenizer), **ids, **(config or {}))
-            else:
-                hf_config = AutoConfig.from_pretrained(name_or_path, **(config or {}))
-                hf_config.update({k: v for k, v in ids.items() if getattr(hf_config, k, None) is None})
-            torch_dtype = getattr(torch, dtype) if dtype else None
-            if pretrained:
-                self.model = AutoModelForCausalLM.from_pretrained(name_or_path, config=hf_config, dtype=torch_dtype)
-            else:
-                self.model = AutoModelForCausalLM.from_config(hf_config)
-        except OSError as err:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise UserError(f"{where}.name: hf:{name_or_path}: cannot load{' (HF_HUB_OFFLINE=1)' if offline else ''}: "
-                              f"{str(err).splitlines()[0]} Give a local directory or a model type with config:.") from None
-        except (ValueError, AttributeError) as err:  # e.g. an encoder-only architecture has no causal LM head
-            raise UserError(f"{where}.name: hf:{name_or_path}: not usable as a causal language model: {err}") from None
+        self.model, hf_config = load_causal_lm(name_or_path, pretrained, dict(config or {}), self.tokenizer,
+                                               tokenizer is not None, where, "a causal language model",
+                                               getattr(torch, dtype) if dtype else None)
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             # the placeholder and role tags are new rows; mean-initialised, as transformers does
             self.model.resize_token_embeddings(len(self.tokenizer))
