@@ -24,12 +24,17 @@ Sources:
   image folder. In the evaluation files each record's last "gpt" turn is what the model must
   produce: a record with ``answers`` (the human answers) is scored as VQA, by the official
   accuracy, in its ``question_type`` if it has one; any other as a caption against
-  ``references`` (default: that last turn).
+  ``references`` (default: that last turn);
+- ``templated_conversations``: VQAv2 (its question/annotation JSON and COCO image folders)
+  and COCO captions (Karpathy's split file), each item made a one-turn conversation by
+  ``data.templates`` (LLaVA-1.5's short-answer VQA prompt and a caption prompt by default),
+  so one model learns both from the formats the VQA and captioning recipes read.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +43,11 @@ from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_world as world
 from mmlightning.data_modules.coco import load_image
+from mmlightning.data_modules.coco_karpathy import check_images, read_karpathy
 from mmlightning.data_modules.common import SplitDataModule, normalize_uint8
-from mmlightning.data_modules.shapes import ShapesQuestionWorld
+from mmlightning.data_modules.shapes import ShapesQuestionWorld, mirror_fractions
 from mmlightning.data_modules.transforms import eval_transform
+from mmlightning.data_modules.vqav2 import VQA_ANSWER_TYPES, human_answers, image_name, read_annotations, read_questions
 from mmlightning.encoders.chat import IMAGE_PLACEHOLDER
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
@@ -69,24 +76,55 @@ class FileImageBank:
         return torch.stack([self.transform(load_image(self.paths[i])) for i in indices])
 
 
-class ConversationTrain(Dataset):
-    """Encoded training conversations; ``owner[k]`` is conversation k's image. Packed ones
-    (``ChatFormat.pack``) carry their ``positions`` and ``segments``."""
+@dataclass(frozen=True)
+class TrainSequence:
+    """One training sequence about image ``image``: a conversation's ids and labels, or several
+    packed around the image (``ChatFormat.pack``, with their ``positions`` and ``segments``);
+    the image horizontally mirrored when ``mirrored``."""
 
-    def __init__(self, images: Any, owner: list[int], ids: list[list[int]], labels: list[list[int]], chat: Any,
-                 positions: list[list[int]] | None = None, segments: list[list[int]] | None = None) -> None:
-        self.images, self.owner, self.ids, self.labels, self.chat = images, owner, ids, labels, chat
-        self.positions, self.segments = positions, segments
+    image: int
+    ids: list[int]
+    labels: list[int]
+    positions: list[int] | None = None
+    segments: list[int] | None = None
+    mirrored: bool = False
+
+
+class ConversationTrain(Dataset):
+    """Encoded training items, each one or more ``TrainSequence``s (a batch holds all of its
+    items' sequences). ``versions[v]`` are the items of curriculum stage v and ``schedule[e]``
+    the stage of epoch e, the last repeating; the epoch comes in the index (``epoch_aware``,
+    ``ResumableSampler``), so a resumed run replays the same items."""
+
+    def __init__(self, images: Any, chat: Any, versions: list[list[list[TrainSequence]]],
+                 schedule: list[int] | None = None) -> None:
+        self.images, self.chat, self.versions = images, chat, versions
+        self.schedule = schedule or [0]
+        self.epoch_aware = len(set(self.schedule)) > 1
+
+    @classmethod
+    def one_each(cls, images: Any, chat: Any, sequences: list[TrainSequence]) -> ConversationTrain:
+        """Items of one sequence each, the same every epoch."""
+        return cls(images, chat, [[[s] for s in sequences]])
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.versions[0])
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        packed = {} if self.segments is None else {"positions": [self.positions[i] for i in indices],
-                                                    "segments": [self.segments[i] for i in indices]}
-        batch = self.chat.collate([self.ids[i] for i in indices], [self.labels[i] for i in indices], **packed)
-        return {"image": self.images([self.owner[i] for i in indices]), **batch,
-                "sample_id": torch.tensor([int(i) for i in indices])}
+        sequences, sample_ids = [], []
+        for index in indices:
+            epoch, item = divmod(int(index), len(self)) if self.epoch_aware else (0, int(index))
+            chosen = self.versions[self.schedule[min(epoch, len(self.schedule) - 1)]][item]
+            sequences += chosen
+            sample_ids += [item] * len(chosen)
+        packed = {} if sequences[0].segments is None else {"positions": [s.positions for s in sequences],
+                                                           "segments": [s.segments for s in sequences]}
+        batch = self.chat.collate([s.ids for s in sequences], [s.labels for s in sequences], **packed)
+        images = self.images([s.image for s in sequences])
+        if any(s.mirrored for s in sequences):
+            flip = torch.tensor([s.mirrored for s in sequences])
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return {"image": images, **batch, "sample_id": torch.tensor(sample_ids)}
 
 
 class ConversationEval(Dataset):
@@ -121,16 +159,21 @@ class ShapesVLMData(ShapesQuestionWorld):
     packed around one copy of the image (``ChatFormat.pack``: each answer sees the image and its
     own question only, the same logits as alone, for one pass over the image's 64 tokens).
     Multi-turn conversations would let a later question be answered from an earlier answer or
-    the caption instead of the image. Evaluation: each image's caption prompt, scored against
-    all its captions, and each of its questions, scored by VQA accuracy per question family.
+    the caption instead of the image. ``mirror_right`` as in ``shapes_vqa``: that fraction of
+    the turns saying "right" (questions and right-to-left captions) are asked as "left" about
+    the mirrored image, per epoch, in a pack of their own beside the image's unmirrored pack.
+    Evaluation: each image's caption prompt, scored against all its captions, and each of its
+    questions, scored by VQA accuracy per question family.
     """
 
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig,
-                 caption_prompt: str = "what objects are there", pack_per_image: int = 1, **kwargs: Any) -> None:
+                 caption_prompt: str = "what objects are there", pack_per_image: int = 1,
+                 mirror_right: float | list[float] = 0.0, **kwargs: Any) -> None:
         super().__init__(tokenizer, max_length, image_config, **kwargs)
         if isinstance(pack_per_image, bool) or not isinstance(pack_per_image, int) or pack_per_image < 1:
             raise UserError(f"data.pack_per_image must be a whole number >= 1, got {pack_per_image!r}")
         self.caption_prompt, self.pack_per_image = caption_prompt, pack_per_image
+        self.mirror_right = mirror_fractions(mirror_right)
 
     def build_split(self, split: str) -> Dataset:
         rendered = self.take_render(split)
@@ -149,17 +192,36 @@ class ShapesVLMData(ShapesQuestionWorld):
 
     def _train(self, rendered: world.ShapesSplit, images: TensorImageBank) -> ConversationTrain:
         draw = torch.Generator().manual_seed(self.seed)
-        owner, ids, labels, positions, segments = [], [], [], [], []
-        for i, (captions, questions) in enumerate(zip(rendered.captions, rendered.questions)):
+        turns = []  # per image: its (question, answer) turns in a seeded order, and each one's mirror draw
+        for captions, questions in zip(rendered.captions, rendered.questions):
             caption = captions[int(torch.randint(len(captions), (1,), generator=draw))]
             pairs = [(self.caption_prompt, caption)] + [(q.question, q.answer) for q in questions]
             pairs = [pairs[k] for k in torch.randperm(len(pairs), generator=draw).tolist()]
-            for start in range(0, len(pairs), self.pack_per_image):
-                conversations = [[user_turn(q, first=True), {"role": "assistant", "content": a}]
-                                 for q, a in pairs[start:start + self.pack_per_image]]
-                seq, lab, pos, seg = self.tokenizer.pack(conversations, f"data (train image {i})")
-                owner.append(i), ids.append(seq), labels.append(lab), positions.append(pos), segments.append(seg)
-        return ConversationTrain(images, owner, ids, labels, self.tokenizer, positions, segments)
+            turns.append([(q, a, float(torch.rand((), generator=draw))) for q, a in pairs])
+        fractions = sorted(set(self.mirror_right))
+        versions = [self._packs(turns, fraction) for fraction in fractions]
+        return ConversationTrain(images, self.tokenizer, versions, [fractions.index(f) for f in self.mirror_right])
+
+    def _packs(self, turns: list[list[tuple[str, str, float]]], mirror_fraction: float) -> list[list[TrainSequence]]:
+        """One item per ``pack_per_image`` turns of an image, packed around the image; those of
+        them drawn for mirroring (saying "right", draw below ``mirror_fraction``) are asked as
+        "left" in a second sequence, about the mirrored image."""
+        items = []
+        for i, image_turns in enumerate(turns):
+            for start in range(0, len(image_turns), self.pack_per_image):
+                item = []
+                chunk = image_turns[start:start + self.pack_per_image]
+                mirrored = [world.direction_word(f"{q} {a}") == "right" and d < mirror_fraction for q, a, d in chunk]
+                for flip in (False, True):
+                    pairs = [(world.mirror_question(q), world.mirror_question(a)) if flip else (q, a)
+                             for (q, a, _), m in zip(chunk, mirrored) if m == flip]
+                    if pairs:
+                        conversations = [[user_turn(q, first=True), {"role": "assistant", "content": a}]
+                                         for q, a in pairs]
+                        where = f"data (train image {i}{', mirrored' if flip else ''})"
+                        item.append(TrainSequence(i, *self.tokenizer.pack(conversations, where), mirrored=flip))
+                items.append(item)
+        return items
 
 
 def llava_messages(record: Any, where: str) -> list[dict[str, str]]:
@@ -238,7 +300,8 @@ class LLaVAJSONData(SplitDataModule):
         wheres = [f"{path}: record {k} (id {r.get('id')!r})" for k, r in enumerate(records)]
         if split == "train":
             encoded = [self.tokenizer.encode(llava_messages(r, w), w) for r, w in zip(records, wheres)]
-            return ConversationTrain(images, owner, [e[0] for e in encoded], [e[1] for e in encoded], self.tokenizer)
+            return ConversationTrain.one_each(images, self.tokenizer,
+                                              [TrainSequence(o, ids, labels) for o, (ids, labels) in zip(owner, encoded)])
         prompts, kind, refs, types, texts = [], [], [], [], []
         for r, where in zip(records, wheres):
             messages = llava_messages(r, where)
@@ -252,3 +315,136 @@ class LLaVAJSONData(SplitDataModule):
             types.append(self.question_types.index(r.get("question_type", "all")) if is_vqa else -1)
             texts.append(messages[last - 1]["content"].replace(IMAGE_PLACEHOLDER, "").strip())
         return ConversationEval(images, owner, prompts, kind, refs, types, texts, self.tokenizer)
+
+
+VQAV2_KEYS = ("questions", "annotations", "images")
+
+
+@dataclass
+class TemplatedItem:
+    image: Path
+    prompt: str  # the user's text, the image placeholder not included
+    answer: str  # what training teaches (VQA: the multiple-choice answer; captions: one caption)
+    kind: str  # "vqa" or "caption"
+    references: list[str]  # the human answers or reference captions it is scored against
+    answer_type: str = ""
+
+
+@DATA_MODULES.register("templated_conversations")
+class TemplatedConversationData(SplitDataModule):
+    """VQA and captioning data made conversations by template, for one model that does both.
+
+    ``vqav2``: ``{train|val|test}_{questions,annotations,images}`` as the ``vqav2`` data module
+    takes them (test defaults to val: the test-dev answers are not public); ``coco_karpathy``:
+    ``{json_path, image_root, train_splits}``. Either or both. Each VQA question becomes
+    ``templates.vqa`` with ``{question}`` filled in, answered in training by its
+    multiple-choice answer and scored by the official accuracy against the ten human answers,
+    per answer type; each caption becomes ``templates.caption`` answered by that caption
+    (training) or scored against all of the image's captions.
+    """
+
+    drop_last_train = False
+
+    def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig,
+                 vqav2: dict[str, str] | None = None, coco_karpathy: dict[str, Any] | None = None,
+                 templates: dict[str, str] | None = None, batch_size: int = 16, eval_batch_size: int = 32,
+                 num_workers: int = 0, shuffle_seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
+        self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
+        if not vqav2 and not coco_karpathy:
+            raise UserError("data: templated_conversations needs data.vqav2 (VQAv2 files) or data.coco_karpathy "
+                              "(a Karpathy split file and image folder), or both.")
+        self.templates = {"vqa": "{question}\nAnswer the question using a single word or phrase.",
+                          "caption": "Describe the image briefly.", **(templates or {})}
+        unknown = sorted(set(self.templates) - {"vqa", "caption"})
+        if unknown or "{question}" not in self.templates["vqa"]:
+            raise UserError(f"data.templates: give 'vqa' (with {{question}}) and/or 'caption'; got "
+                              f"{dict(self.templates)}.")
+        self.vqav2 = dict(vqav2 or {})
+        if vqav2:
+            self.vqa_files = {split: self._vqav2_files(split) for split in ("train", "val", "test")}
+        self.karpathy = dict(coco_karpathy or {})
+        if coco_karpathy:
+            missing = [k for k in ("json_path", "image_root") if k not in self.karpathy]
+            if missing:
+                raise UserError(f"data.coco_karpathy needs {', '.join(missing)} (a Karpathy split file and its "
+                                  f"image folder).")
+        self.type_groups: dict[str, list[str]] = {}
+        self.items = {"train": self._items("train")}
+        seen = {item.answer_type for item in self.items["train"] if item.kind == "vqa"}
+        self.question_types = sorted(set(VQA_ANSWER_TYPES) | seen) if vqav2 else []
+        tally: dict[str, dict[str, int]] = {}
+        for item in self.items["train"]:
+            if item.kind == "vqa":
+                counts = tally.setdefault(item.answer_type, {})
+                counts[item.answer] = counts.get(item.answer, 0) + 1
+        self.blind_answers = {t: min(c, key=lambda a: (-c[a], a)) for t, c in tally.items()}
+
+    def _vqav2_files(self, split: str) -> tuple[str, str, str]:
+        keys = [f"{split}_{k}" for k in VQAV2_KEYS]
+        given = [k for k in keys if self.vqav2.get(k)]
+        if split == "test" and not given:
+            return self._vqav2_files("val")
+        if len(given) < 3:
+            raise UserError(f"data.vqav2 needs {', '.join(k for k in keys if k not in given)} beside "
+                              f"{', '.join(given) or 'nothing'} (the {split} questions, annotations and image folder).")
+        for key in keys:
+            path = Path(self.vqav2[key])
+            if not (path.is_dir() if key.endswith("images") else path.is_file()):
+                raise UserError(f"data.vqav2.{key}: {str(path)!r} does not exist.")
+        return tuple(self.vqav2[k] for k in keys)
+
+    def _items(self, split: str) -> list[TemplatedItem]:
+        items: list[TemplatedItem] = []
+        if self.vqav2:
+            questions_path, annotations_path, root = self.vqa_files[split]
+            subtype, questions = read_questions(questions_path, f"data.vqav2.{split}_questions")
+            for i, ann in enumerate(read_annotations(annotations_path, f"data.vqav2.{split}_annotations")):
+                if ann["question_id"] not in questions:
+                    raise UserError(f"data.vqav2.{split}_annotations: {annotations_path}: annotations[{i}] is for "
+                                      f"question_id {ann['question_id']}, which is not in {questions_path}.")
+                image_id, question = questions[ann["question_id"]]
+                items.append(TemplatedItem(Path(root) / image_name(subtype, image_id),
+                                           self.templates["vqa"].format(question=question),
+                                           ann["multiple_choice_answer"], "vqa", human_answers(ann), ann["answer_type"]))
+        if self.karpathy:
+            json_path, image_root = self.karpathy["json_path"], self.karpathy["image_root"]
+            splits = read_karpathy(json_path, image_root)
+            wanted = list(self.karpathy.get("train_splits", ("train", "restval"))) if split == "train" else [split]
+            images = [img for s in wanted for img in splits.get(s, []) if img.captions]
+            check_images(json_path, image_root, images)
+            for img in images:
+                captions = img.captions if split == "train" else img.captions[:1]  # evaluation: one prompt per image
+                items += [TemplatedItem(img.path, self.templates["caption"], c, "caption", img.captions)
+                          for c in captions]
+        missing = sorted({str(item.image) for item in items if not item.image.is_file()})
+        if missing:
+            raise UserError(f"data ({split}): {len(missing)} image file(s) missing, e.g. {missing[0]}.")
+        if not items:
+            raise UserError(f"data: no {split} items in data.vqav2 / data.coco_karpathy.")
+        return items
+
+    def build_split(self, split: str) -> Dataset:
+        items = self.items.pop(split, None) or self._items(split)
+        paths, index = [], {}
+        for item in items:
+            if item.image not in index:
+                index[item.image] = len(paths)
+                paths.append(item.image)
+        images, owner = FileImageBank(paths, self.image_config), [index[item.image] for item in items]
+        if split == "train":
+            sequences = []
+            for k, item in enumerate(items):
+                messages = [user_turn(item.prompt, first=True), {"role": "assistant", "content": item.answer}]
+                sequences.append(TrainSequence(owner[k], *self.tokenizer.encode(messages, f"data (train item {k})")))
+            return ConversationTrain.one_each(images, self.tokenizer, sequences)
+        prompts = [self.tokenizer.encode_prompt([user_turn(item.prompt, first=True)], f"data ({split} item {k})")
+                   for k, item in enumerate(items)]
+        unknown = sorted({item.answer_type for item in items if item.kind == "vqa"} - set(self.question_types))
+        if unknown:
+            raise UserError(f"data.vqav2.{split}_annotations: answer_type {unknown[0]!r} does not occur in training; "
+                              f"known: {', '.join(self.question_types)}.")
+        types = [self.question_types.index(item.answer_type) if item.kind == "vqa" else -1 for item in items]
+        return ConversationEval(images, owner, prompts, [item.kind for item in items],
+                                [item.references for item in items], types, [item.prompt for item in items],
+                                self.tokenizer)

@@ -128,8 +128,14 @@ class ShapesCLIPData(SplitDataModule):
 
 
 def mirror_fractions(mirror_right: float | list[float]) -> list[float]:
-    """``data.mirror_right`` as one fraction per epoch (the last repeats)."""
-    return [mirror_right] if isinstance(mirror_right, (int, float)) else list(mirror_right)
+    """``data.mirror_right`` as one fraction per epoch (the last repeats); anything else fails
+    naming the key."""
+    fractions = list(mirror_right) if isinstance(mirror_right, (list, tuple)) else [mirror_right]
+    if not fractions or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0.0 <= f <= 1.0
+                                for f in fractions):
+        raise UserError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
+                          f"got {mirror_right}")
+    return fractions
 
 
 class ShapesQuestions(Dataset):
@@ -278,12 +284,7 @@ class ShapesVQAData(ShapesQuestionWorld):
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, num_answers: int = 100,
                  mirror_right: float | list[float] = 0.0, **kwargs: Any) -> None:
         super().__init__(tokenizer, max_length, image_config, **kwargs)
-        fractions = mirror_fractions(mirror_right)
-        if not fractions or not all(not isinstance(f, bool) and isinstance(f, (int, float)) and 0.0 <= f <= 1.0
-                                    for f in fractions):
-            raise UserError(f"data.mirror_right must be a fraction in [0, 1] or a list of them (one per epoch), "
-                              f"got {mirror_right}")
-        self.mirror_right = fractions
+        self.mirror_right = mirror_fractions(mirror_right)
         counts: dict[str, int] = {}
         for qs in self.render("train").questions:
             for q in qs:

@@ -324,3 +324,94 @@ def test_packed_conversations_get_the_logits_they_get_alone() -> None:
         assert [ids[t] for t in block] == alone_ids[66:] and [labels[t] for t in block] == alone_labels[66:]
         torch.testing.assert_close(packed[block], alone[66:], rtol=0, atol=1e-5)
     torch.testing.assert_close(packed[:66], alone[:66], rtol=0, atol=1e-5)  # the shared start, as each saw it
+
+
+def test_mirror_right_asks_right_turns_as_left_about_the_mirrored_image() -> None:
+    """shapes_vlm's data.mirror_right: in an epoch, that fraction of the turns saying "right"
+    come as "left" in a second sequence about the mirrored image, the rest of the pack as it
+    was; an epoch whose fraction is 0 is the data without it. Read through the real training
+    loader against the same data unmirrored."""
+    data = {}
+    for name, fraction in (("plain", [0.0]), ("tilted", [0.8, 0.0])):
+        cfg, task = tiny_task(f"data.mirror_right={fraction}", "data.pack_per_image=12", "data.num_train=120",
+                              "data.relational_questions=3", "data.batch_size=20")
+        data[name] = build_datamodule(cfg, task)
+        data[name].setup("fit")
+    plain = data["plain"].datasets["train"]
+
+    def blocks(batch: dict, row: int) -> list[str]:
+        segments = batch["segments"][row]
+        return [task.chat.tokenizer.decode(batch["input_ids"][row][segments == k], skip_special_tokens=True)
+                for k in range(1, int(segments.max()) + 1)]
+
+    loader = data["tilted"].train_dataloader()
+    for epoch, fraction in enumerate([0.8, 0.0]):
+        loader.sampler.set_epoch(epoch)
+        says_right = mirrored = 0
+        for batch in loader:
+            for item in batch["sample_id"].unique().tolist():
+                rows = (batch["sample_id"] == item).nonzero().squeeze(1).tolist()
+                alone = plain.__getitems__([item])
+                expected, image = blocks(alone, 0), alone["image"][0]
+                says_right += sum("right" in b.split() for b in expected)
+                torch.testing.assert_close(batch["image"][rows[0]], image, rtol=0, atol=0)
+                got = blocks(batch, rows[0])
+                if len(rows) == 2:  # the turns asked about the mirrored image
+                    torch.testing.assert_close(batch["image"][rows[1]], image.flip(-1), rtol=0, atol=0)
+                    flipped = blocks(batch, rows[1])
+                    assert all("left" in b.split() and "right" not in b.split() for b in flipped), flipped
+                    mirrored += len(flipped)
+                    got += [b.replace("left", "right") for b in flipped]
+                assert sorted(got) == sorted(expected)
+        assert says_right > 100
+        assert (0.65 < mirrored / says_right < 0.95) if fraction else mirrored == 0
+
+
+def templated_overrides(vqav2: Path, karpathy: Path) -> list[str]:
+    files = {f"{split}_{kind}": f"{vqav2}/{name}" for split, subtype in (("train", "train2014"), ("val", "val2014"))
+             for kind, name in (("questions", f"v2_OpenEnded_mscoco_{subtype}_questions.json"),
+                                ("annotations", f"v2_mscoco_{subtype}_annotations.json"), ("images", subtype))}
+    vqa = ", ".join(f"{k}: '{v}'" for k, v in files.items())
+    return ["data={name: templated_conversations, batch_size: 8, eval_batch_size: 8}", f"data.vqav2={{{vqa}}}",
+            f"data.coco_karpathy={{json_path: '{karpathy}/dataset_coco.json', image_root: '{karpathy}'}}"]
+
+
+def test_vqav2_and_coco_captions_become_conversations_by_template(vqav2_fixture: Path, karpathy_fixture: Path,
+                                                                   chatml_tokenizer: Path, tmp_path: Path) -> None:
+    """One model trains on VQAv2's and Karpathy-COCO's own files through data.templates: every
+    question and caption one conversation, VQA scored against the ten raw human answers per
+    answer type, captions against all of the image's captions."""
+    overrides = [*SHAPES_VLM, *qwen2_overrides(chatml_tokenizer), *templated_overrides(vqav2_fixture, karpathy_fixture)]
+    cfg, task = tiny_task(*overrides[len(SHAPES_VLM):], "data.templates={vqa: 'Q: {question} short answer:'}")
+    data = build_datamodule(cfg, task)
+    data.setup("fit")
+    annotations = json.loads((vqav2_fixture / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    questions = json.loads((vqav2_fixture / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    karpathy = json.loads((karpathy_fixture / "dataset_coco.json").read_text())["images"]
+    train_captions = sum(len(i["sentences"]) for i in karpathy if i["split"] in ("train", "restval"))
+    train_questions = len(json.loads((vqav2_fixture / "v2_mscoco_train2014_annotations.json").read_text())["annotations"])
+    assert len(data.datasets["train"]) == train_questions + train_captions
+    val = data.datasets["val"]
+    assert val.kind == ["vqa"] * len(annotations) + ["caption"] * sum(i["split"] == "val" for i in karpathy)
+    by_id = {q["question_id"]: q["question"] for q in questions}
+    for k, ann in enumerate(annotations):
+        assert val.prompt[k] == f"Q: {by_id[ann['question_id']]} short answer:"
+        assert val.references[k] == [a["answer"] for a in ann["answers"]]  # raw: the metric normalises them
+        assert data.question_types[val.question_type[k]] == ann["answer_type"]
+    captions = [[s["raw"].strip() for s in i["sentences"]] for i in karpathy if i["split"] == "val"]
+    assert val.references[len(annotations):] == captions
+    assert val.prompt[-1] == "Describe the image briefly."
+
+    assert main(["fit", "vlm-shapes", *overrides, "run.name=templated", "logger.name=none"]) == 0
+    test = json.loads((tmp_path / "runs" / "templated" / "summary.json").read_text())["test"]
+    for key in ("test/acc", "test/acc_yes/no", "test/blind_acc", "test/CIDEr-D"):
+        assert key in test, sorted(test)
+
+
+def test_templated_data_needs_a_source_and_names_a_missing_file(vqav2_fixture: Path, karpathy_fixture: Path) -> None:
+    with pytest.raises(UserError, match="needs data.vqav2 .* or data.coco_karpathy"):
+        build_datamodule(*tiny_task("data={name: templated_conversations}"))
+    overrides = templated_overrides(vqav2_fixture, karpathy_fixture)
+    overrides[1] = overrides[1].replace("v2_mscoco_val2014_annotations.json", "nothing.json")
+    with pytest.raises(UserError, match="data.vqav2.val_annotations: .*nothing.json' does not exist"):
+        build_datamodule(*tiny_task(*overrides))
