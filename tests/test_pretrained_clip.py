@@ -18,6 +18,7 @@ from mmlightning.build import build_task
 from mmlightning.config import load_recipe, resolve
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
+from mmlightning.registry import VISION_ENCODERS
 from mmlightning.export import to_hf, to_open_clip
 
 TEXTS = ["a red square", "two small blue circles left of a large green triangle, and more words than fit in"]
@@ -128,6 +129,27 @@ def test_towers_are_components_of_their_own(sources: dict[str, Path]) -> None:
     tokens = tokenize(mixed.text.tokenizer, TEXTS, mixed.text.max_length)
     with torch.no_grad():
         assert (mixed.eval().encode_text(**tokens) - their_text).abs().max() <= 1e-5
+
+
+def test_vision_tokens_from_the_layer_llava_reads(sources: dict[str, Path]) -> None:
+    """model.vision.token_layer=-2 and patch_tokens_only: the penultimate layer's patch tokens,
+    what LLaVA feeds its LM, as transformers' own CLIPModel gives them; a layer the tower does
+    not have, or a [CLS] to drop from SigLIP, is refused naming the key."""
+    from transformers import CLIPModel
+
+    tower = VISION_ENCODERS.build({"name": f"hf_clip_vision:{sources['clip']}", "pretrained": True, "token_layer": -2,
+                                   "patch_tokens_only": True}, "model.vision").eval()
+    pixels = images(2, tower.image_config.size)
+    with torch.no_grad():
+        theirs = CLIPModel.from_pretrained(sources["clip"]).vision_model(pixel_values=pixels, output_hidden_states=True)
+        ours = tower(pixels)
+    torch.testing.assert_close(ours.tokens, theirs.hidden_states[-2][:, 1:], rtol=0, atol=1e-6)
+    assert not torch.allclose(ours.tokens, theirs.last_hidden_state[:, 1:])
+    for bad, message in (({"token_layer": 0}, "token_layer must be a layer of the tower's"),
+                         ({"token_layer": 99}, "token_layer must be a layer"),
+                         ({"patch_tokens_only": True, "name": f"hf_clip_vision:{sources['siglip']}"}, "no .CLS. token")):
+        with pytest.raises(UserError, match=message):
+            VISION_ENCODERS.build({"name": f"hf_clip_vision:{sources['clip']}", **bad}, "model.vision")
 
 
 def test_fresh_weights_keep_the_architecture(sources: dict[str, Path]) -> None:

@@ -31,7 +31,8 @@ def test_readme_mentions_the_two_commands_first() -> None:
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
-GPU_SIZED = {"clip-coco", "clip-wds", "vqa-vqav2", "caption-coco", "clip-finetune-coco", "itm-mlm-coco"}
+GPU_SIZED = {"clip-coco", "clip-wds", "vqa-vqav2", "caption-coco", "clip-finetune-coco", "itm-mlm-coco",
+             "llava-coco", "llava-coco-lora"}
 
 
 def run_of(root: Path, recipe: str) -> Path:

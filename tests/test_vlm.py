@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import SHAPES_VLM
+from tiny import SHAPES_VLM, TINY_QWEN2, templated_overrides
 
 from mmlightning.build import build_datamodule, build_task
 from mmlightning.cli import main
@@ -20,8 +20,6 @@ from mmlightning.tasks.base import read_run_checkpoint
 # Qwen2's ChatML layout, set on a real WordPiece tokenizer: a tokenizer with a template of its own
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY_QWEN2 = "{num_hidden_layers: 1, hidden_size: 32, num_attention_heads: 2, num_key_value_heads: 1, " \
-             "intermediate_size: 64, max_position_embeddings: 256}"
 
 
 def tiny_task(*overrides: str):
@@ -233,6 +231,9 @@ def test_a_record_without_its_image_or_with_two_fails_naming_it(tmp_path: Path, 
     ("model.max_length=1024", r"model.max_length=1024 exceeds the language model's 256 positions"),
     ("model.lm={name: 'hf:llama', tokenizer: shapes, chat_template: chatml}", r"model.lm.chat_template: 'chatml'; "
                                                                             r"valid: null .* or 'default'"),
+    ("model.vision={name: 'timm:vit_tiny_patch16_224', img_size: 32, model_kwargs: {depth: 1, embed_dim: 32, "
+     "num_heads: 2}}|model.image_coordinates=true", r"model.image_coordinates: the vision tower gives 5 tokens, not a "
+                                                    r"square grid"),
 ])
 def test_bad_model_settings_name_the_key(override: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -244,7 +245,7 @@ def test_data_without_conversations_names_the_data_modules_that_fit() -> None:
 
     _, task = tiny_task()
     data = ShapesCaptionData(**task.data_spec().as_kwargs(), num_train=8)
-    with pytest.raises(UserError, match="task vlm needs conversation data .* shapes_vlm, llava_json"):
+    with pytest.raises(UserError, match="task vlm needs conversation data .* shapes_vlm, templated_conversations, llava_json"):
         task.bind_data(data)
 
 
@@ -367,15 +368,6 @@ def test_mirror_right_asks_right_turns_as_left_about_the_mirrored_image() -> Non
         assert (0.65 < mirrored / says_right < 0.95) if fraction else mirrored == 0
 
 
-def templated_overrides(vqav2: Path, karpathy: Path) -> list[str]:
-    files = {f"{split}_{kind}": f"{vqav2}/{name}" for split, subtype in (("train", "train2014"), ("val", "val2014"))
-             for kind, name in (("questions", f"v2_OpenEnded_mscoco_{subtype}_questions.json"),
-                                ("annotations", f"v2_mscoco_{subtype}_annotations.json"), ("images", subtype))}
-    vqa = ", ".join(f"{k}: '{v}'" for k, v in files.items())
-    return ["data={name: templated_conversations, batch_size: 8, eval_batch_size: 8}", f"data.vqav2={{{vqa}}}",
-            f"data.coco_karpathy={{json_path: '{karpathy}/dataset_coco.json', image_root: '{karpathy}'}}"]
-
-
 def test_vqav2_and_coco_captions_become_conversations_by_template(vqav2_fixture: Path, karpathy_fixture: Path,
                                                                    chatml_tokenizer: Path, tmp_path: Path) -> None:
     """One model trains on VQAv2's and Karpathy-COCO's own files through data.templates: every
@@ -415,3 +407,19 @@ def test_templated_data_needs_a_source_and_names_a_missing_file(vqav2_fixture: P
     overrides[1] = overrides[1].replace("v2_mscoco_val2014_annotations.json", "nothing.json")
     with pytest.raises(UserError, match="data.vqav2.val_annotations: .*nothing.json' does not exist"):
         build_datamodule(*tiny_task(*overrides))
+
+
+def test_image_coordinates_tell_the_lm_where_each_token_is() -> None:
+    """model.image_coordinates: token k of the 8x8 grid (row-major, as the tower flattens it)
+    reaches the projector with its features and its cell's (x, y) in [-1, 1]."""
+    torch.manual_seed(0)
+    _, task = tiny_task("model.image_coordinates=true")
+    task.eval()
+    image = torch.randn(1, 3, 64, 64)
+    ids = torch.tensor([task.chat.encode_prompt([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nhi"}], "t")])
+    k = torch.arange(64)
+    xy = torch.stack([-1 + 2 * (k % 8) / 7, -1 + 2 * (k // 8) / 7], dim=1)
+    with torch.no_grad():
+        got = task.embed(image, ids)[0][ids[0] == task.chat.image_token_id]
+        expected = task.projector(torch.cat([task.vision(image).tokens[0], xy], dim=1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -94,11 +94,15 @@ def image_config(name_or_path: str, model_type: str, size: int) -> ImageConfig:
 class HFCLIPVision(nn.Module):
     """``hf_clip_vision:<dir | hub id>``: the image tower of an HF ``CLIPModel`` (with its
     visual projection) or ``SiglipModel`` (with its attention-pooling head), preprocessing
-    from the folder's image processor. ``pretrained: true`` loads the weights (nothing loads unasked)."""
+    from the folder's image processor. ``pretrained: true`` loads the weights (nothing loads unasked).
+    ``token_layer`` picks the encoder layer whose outputs are the ``tokens`` (-1, the last, by
+    default; LLaVA feeds its LM the penultimate layer, -2) and ``patch_tokens_only`` drops
+    CLIP's [CLS] token from them (LLaVA's ``select_feature: patch``)."""
 
     projected = True
 
-    def __init__(self, name_or_path: str, pretrained: bool = False, where: str = "model.vision") -> None:
+    def __init__(self, name_or_path: str, pretrained: bool = False, token_layer: int = -1,
+                 patch_tokens_only: bool = False, where: str = "model.vision") -> None:
         super().__init__()
         config = read_config(name_or_path, f"{where}.name")
         self.source, self.model_type = name_or_path, config.model_type
@@ -109,11 +113,23 @@ class HFCLIPVision(nn.Module):
         self.output_dim = config.projection_dim if self.model_type == "clip" else vision_config.hidden_size
         self.token_dim = vision_config.hidden_size
         self.image_config = image_config(name_or_path, self.model_type, vision_config.image_size)
+        layers = vision_config.num_hidden_layers
+        if isinstance(token_layer, bool) or not isinstance(token_layer, int) or not -layers <= token_layer < layers \
+                or token_layer == 0:
+            raise UserError(f"{where}.token_layer must be a layer of the tower's {layers}: 1..{layers - 1} or "
+                              f"-{layers}..-1 (-1 the last, -2 the penultimate as LLaVA), got {token_layer!r}.")
+        if patch_tokens_only and self.model_type != "clip":
+            raise UserError(f"{where}.patch_tokens_only: a {self.model_type} tower has no [CLS] token to drop; "
+                              f"leave it false.")
+        self.token_layer, self.patch_tokens_only = token_layer, bool(patch_tokens_only)
 
     def forward(self, images: torch.Tensor) -> VisionOutput:
-        out = self.model(pixel_values=images)
+        last = self.token_layer == -1
+        out = self.model(pixel_values=images, output_hidden_states=not last)
         pooled = out.image_embeds if self.model_type == "clip" else out.pooler_output
-        return VisionOutput(pooled=pooled, tokens=out.last_hidden_state)
+        # hidden_states[0] is the embeddings' output, so layer k (1-based) is hidden_states[k]
+        tokens = out.last_hidden_state if last else out.hidden_states[self.token_layer]
+        return VisionOutput(pooled=pooled, tokens=tokens[:, 1:] if self.patch_tokens_only else tokens)
 
 
 @TEXT_ENCODERS.register("hf_clip_text:")
