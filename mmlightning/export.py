@@ -365,10 +365,13 @@ def to_hf_vlm(task: VLMTask, out: Path) -> tuple[Path, str]:
     (out / "mmlightning_vlm.json").write_text(json.dumps({
         "model": (task.recipe or {}).get("model"), "image_token": IMAGE_PLACEHOLDER,
         "image_token_id": task.chat.image_token_id, "image_tokens": task.chat.image_tokens,
+        "image_coordinates": task.image_coordinates is not None,
         "image": {"size": config.size, "mean": list(config.mean), "std": list(config.std),
                   "interpolation": config.interpolation, "crop_pct": config.crop_pct, "resize_mode": config.resize_mode},
         "how": "input embeddings = lm's token embeddings, with the positions of image_token (image_tokens of them, "
-               "where the prompt's <image> was expanded) replaced by projector(vision(image).tokens)",
+               "where the prompt's <image> was expanded) replaced by projector(vision(image).tokens), each token's "
+               "grid (x, y) in [-1, 1] (row-major, x first) concatenated to it before the projector where "
+               "image_coordinates is true",
     }, indent=2))
     adapter = f"; peft.PeftModel.from_pretrained(<base LM>, '{out / 'adapter'}')" if task.lm.has_lora else ""
     return out, f"transformers.AutoModelForCausalLM.from_pretrained('{out / 'lm'}') and AutoTokenizer likewise{adapter}"

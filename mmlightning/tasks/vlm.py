@@ -29,6 +29,7 @@ from mmlightning.data_modules.base import Conversations, TaskData
 from mmlightning.encoders.chat import ChatFormat, block_attention
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
+from mmlightning.fusion import coordinate_maps
 from mmlightning.metrics import CaptionMetrics, VQAAccuracy
 from mmlightning.metrics.vqa import vqa_accuracy
 from mmlightning.registry import LANGUAGE_MODELS, LOSSES, PROJECTIONS, TASKS, VISION_ENCODERS, did_you_mean
@@ -53,12 +54,24 @@ class VLMTask(TaskModule):
                  optimizer: dict[str, Any], scheduler: dict[str, Any] | None = None, max_length: int = 128,
                  init_from: str | None = None, freeze_vision: bool = True, unfrozen_vision_groups: int = 0,
                  freeze_lm: bool = False, lora: dict[str, Any] | None = None, lr_scale: dict[str, float] | None = None,
-                 generation: dict[str, Any] | None = None) -> None:
+                 generation: dict[str, Any] | None = None, image_coordinates: bool = False) -> None:
         super().__init__(optimizer, scheduler)
         self.vision = VISION_ENCODERS.build(vision, "model.vision")
         self.lm = LANGUAGE_MODELS.build(lm, "model.lm")
-        self.projector = PROJECTIONS.build(projector, "model.projector", in_dim=self.vision.token_dim,
-                                           out_dim=self.lm.hidden_size)
+        with torch.no_grad():  # how many tokens the vision tower gives an image: the prompt holds as many
+            size = self.vision.image_config.size
+            image_tokens = self.vision(torch.zeros(1, 3, size, size)).tokens.shape[1]
+        coordinates = None
+        if image_coordinates:
+            side = round(image_tokens ** 0.5)
+            if side * side != image_tokens:
+                raise UserError(f"model.image_coordinates: the vision tower gives {image_tokens} tokens, not a square "
+                                  f"grid whose cells have coordinates; leave it false for this tower.")
+            grid = coordinate_maps(torch.zeros(1, 1, side, side))  # (1, 2, side, side)
+            coordinates = grid.flatten(2).transpose(1, 2)  # (1, N, 2), row-major as the tower's tokens
+        self.register_buffer("image_coordinates", coordinates, persistent=False)
+        self.projector = PROJECTIONS.build(projector, "model.projector", out_dim=self.lm.hidden_size,
+                                           in_dim=self.vision.token_dim + (2 if image_coordinates else 0))
         if init_from:  # a CLIP run's vision tower; a vlm run's projector and LM as well (stage 1 -> stage 2)
             self.init_towers_from(init_from, {"vision": self.vision, "projector": self.projector, "lm": self.lm},
                                   optional=("projector", "lm"))
@@ -80,9 +93,6 @@ class VLMTask(TaskModule):
         if max_length > self.lm.max_positions:
             raise UserError(f"model.max_length={max_length} exceeds the language model's {self.lm.max_positions} "
                               f"positions.")
-        with torch.no_grad():  # how many tokens the vision tower gives an image: the prompt holds as many
-            size = self.vision.image_config.size
-            image_tokens = self.vision(torch.zeros(1, 3, size, size)).tokens.shape[1]
         self.chat = ChatFormat(self.lm.tokenizer, image_tokens, max_length)
         self.loss_fn = LOSSES.build(loss, "loss")
         self.generation = generation_options(generation, VLM_GENERATION)
@@ -98,7 +108,7 @@ class VLMTask(TaskModule):
         if not isinstance(datamodule, Conversations):
             raise UserError(f"task vlm needs conversation data (question_types, type_groups, blind_answers); data "
                               f"module {type(datamodule).__name__} has none. Data modules that have them: "
-                              f"shapes_vlm, llava_json.")
+                              f"shapes_vlm, templated_conversations, llava_json.")
         self.question_types = list(datamodule.question_types)
         self.blind_answers = dict(datamodule.blind_answers)
         groups = dict(datamodule.type_groups)
@@ -136,7 +146,11 @@ class VLMTask(TaskModule):
         """The LM's input embeddings, the projected image tokens at the image positions
         (zeros there with ``zero_image``: the model blind to the image, same prompt)."""
         embeds = self.lm.embed(input_ids)
-        image = self.projector(self.vision(images).tokens).to(embeds.dtype)
+        tokens = self.vision(images).tokens
+        if self.image_coordinates is not None:  # each grid cell's (x, y): what "left of" is read from
+            coordinates = self.image_coordinates.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+            tokens = torch.cat([tokens, coordinates], dim=-1)
+        image = self.projector(tokens).to(embeds.dtype)
         if zero_image:
             image = torch.zeros_like(image)
         return embeds.masked_scatter((input_ids == self.chat.image_token_id).unsqueeze(-1), image)
