@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import SHAPES_CAPTION, SHAPES_CLIP, SHAPES_VQA
+from tiny import SHAPES_CAPTION, SHAPES_CLIP, SHAPES_VLM, SHAPES_VQA
 from wandb_offline import find_run_files, read_run
 
 from mmlightning.cli import main
@@ -95,6 +95,7 @@ def test_clip_report_has_every_section(clip_run: Path, tmp_path: Path, capsys: p
 @pytest.mark.parametrize("recipe,overrides,title,row", [
     ("vqa-shapes", SHAPES_VQA, "VQA accuracy (test split)", "relational"),
     ("caption-shapes", SHAPES_CAPTION, "Captioning (test split)", "CIDEr-D"),
+    ("vlm-shapes", SHAPES_VLM, "Generative VQA and captioning (test split)", "relational"),
 ])
 def test_task_heads_get_their_section(recipe: str, overrides: list[str], title: str, row: str, tmp_path: Path) -> None:
     assert main(["fit", recipe, *overrides, "trainer.max_steps=2", "logger.name=none", "run.name=h"]) == 0
