@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ def import_components(imports: list[str] | None = None) -> None:
     import mmlightning.data_modules.shapes  # noqa: F401
     import mmlightning.data_modules.shards  # noqa: F401
     import mmlightning.data_modules.tables  # noqa: F401
+    import mmlightning.data_modules.videos  # noqa: F401
     import mmlightning.data_modules.vqav2  # noqa: F401
     import mmlightning.encoders  # noqa: F401
     import mmlightning.fusion  # noqa: F401
@@ -123,7 +125,13 @@ def compile_trainable_parts(task: nn.Module, options: dict[str, Any]) -> None:
 def build_datamodule(cfg: dict[str, Any], task) -> L.LightningDataModule:
     """The data module follows the task's tokenizer and image settings; then the task sizes
     whatever depends on the data (``bind_data``)."""
-    datamodule = DATA_MODULES.build(cfg["data"], "data", **task.data_spec().as_kwargs(),
+    spec = task.data_spec()
+    name = str((cfg.get("data") or {}).get("name"))
+    reads_videos = [n for n, fn in DATA_MODULES.entries() if "max_frames" in inspect.signature(fn).parameters]
+    if spec.max_frames is not None and name in DATA_MODULES and name not in reads_videos:
+        raise UserError(f"model.temporal reads videos; data module {name} has images. Video data modules: "
+                          f"{', '.join(reads_videos)}; or drop model.temporal.")
+    datamodule = DATA_MODULES.build(cfg["data"], "data", **spec.as_kwargs(),
                                     shuffle_seed=int(cfg.get("seed", 0)))  # the order follows the run's seed alone
     task.bind_data(datamodule)
     return datamodule

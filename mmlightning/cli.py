@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     w = data.add_parser("write", help="write the shapes world or a COCO-captions dataset")
     w.add_argument("source", choices=["shapes", "coco"], help="the shapes world, or a COCO-captions dataset")
     w.add_argument("out", help="folder to write")
-    w.add_argument("--format", choices=["wds", "parquet", "csv", "coco", "vqav2"], default="wds",
-                   help="webdataset shards, Parquet, CSV + images, COCO captions JSON, or VQAv2 JSON (shapes only)")
+    w.add_argument("--format", choices=["wds", "parquet", "csv", "coco", "vqav2", "msrvtt"], default="wds",
+                   help="webdataset shards, Parquet, CSV + images, COCO captions JSON, VQAv2 JSON (shapes only), or "
+                        "the shapes videos as MP4 in MSR-VTT's layout (--num training videos, a fifth as many for "
+                        "validate and test)")
     w.add_argument("--shard-size", type=int, default=1000, help="samples per shard (wds) or row group (parquet)")
     w.add_argument("--split", choices=["train", "val", "test"], default="train", help="shapes world split")
     w.add_argument("--num", type=int, default=1000, help="shapes world images")
@@ -267,7 +269,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         loss = task.batch_loss(batch)
     n_params = sum(p.numel() for p in task.parameters())
     print(f"ok: {cfg['recipe']} builds; {n_params / 1e6:.2f}M parameters; "
-          f"one batch of {len(batch['image'])} -> loss {float(loss):.4f}")
+          f"one batch of {len(batch['video' if 'video' in batch else 'image'])} -> loss {float(loss):.4f}")
     return 0
 
 
@@ -550,6 +552,11 @@ def cmd_data(args: argparse.Namespace) -> int:
                                     args.split)
     elif args.format == "vqav2":
         summary = write.write_vqav2(args.split, args.num, args.seed, args.image_size, args.out)
+    elif args.format == "msrvtt":
+        from mmlightning.data_modules.videos import write_shapes_videos
+
+        sizes = {"train": args.num, "val": max(args.num // 5, 1), "test": max(args.num // 5, 1)}
+        summary = write_shapes_videos(Path(args.out), sizes, seed=args.seed, size=args.image_size)
     else:
         pairs = write.shapes_pairs(args.split, args.num, args.seed, args.image_size, args.image_format)
         summary = write.write_pairs(pairs, args.out, args.format, args.shard_size, args.split)

@@ -132,6 +132,7 @@ TEXT_ENCODERS = Registry("text encoder", "model.text.name")
 TEXT_DECODERS = Registry("text decoder", "model.decoder.name")
 LANGUAGE_MODELS = Registry("language model", "model.lm.name")  # causal LMs read image tokens as a prefix (vlm)
 PROJECTIONS = Registry("projection head", "model.projection.name")
+TEMPORAL_AGGREGATORS = Registry("temporal aggregation", "model.temporal.name")  # frame embeddings -> a video's
 FUSION_HEADS = Registry("fusion head", "model.fusion.name")
 PROMPT_LEARNERS = Registry("prompt learner", "model.prompt.name")  # learned text prompts on a frozen CLIP (CoOp)
 LOSSES = Registry("loss", "loss.name")
@@ -146,5 +147,5 @@ VOCABULARIES = Registry("word vocabulary", "model.text.vocab")  # closed word li
 
 def all_registries() -> list[Registry]:
     """Every kind of component, in the order the docs list them."""
-    return [VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS, LANGUAGE_MODELS, PROJECTIONS, FUSION_HEADS, PROMPT_LEARNERS, LOSSES, DATA_MODULES, TASKS,
+    return [VISION_ENCODERS, TEXT_ENCODERS, TEXT_DECODERS, LANGUAGE_MODELS, PROJECTIONS, TEMPORAL_AGGREGATORS, FUSION_HEADS, PROMPT_LEARNERS, LOSSES, DATA_MODULES, TASKS,
             OPTIMIZERS, SCHEDULERS, PRETRAINED_CLIPS, WEIGHT_REMAPS, VOCABULARIES]

@@ -7,7 +7,7 @@ for images, ``small_transformer`` and ``hf:<config-or-dir>`` for text, ``small_d
 whole models (``model.pretrained: open_clip:...`` or ``hf:...``).
 """
 
-from mmlightning.encoders import decoder, hf_clip_towers, language_model, open_clip_towers, projection, text, vision  # noqa: F401
+from mmlightning.encoders import decoder, hf_clip_towers, language_model, open_clip_towers, projection, temporal, text, vision  # noqa: F401
 from mmlightning.encoders.outputs import ImageConfig, TextOutput, VisionOutput
 
 __all__ = ["ImageConfig", "TextOutput", "VisionOutput"]

@@ -176,6 +176,10 @@ class HFCLIPText(nn.Module):
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    def position_table(self) -> torch.Tensor:
+        """(positions, width): the text model's position embeddings."""
+        return self.model.text_model.embeddings.position_embedding.weight
+
 
 @PRETRAINED_CLIPS.register("hf:")
 class HFCLIPPretrained:

@@ -273,6 +273,10 @@ class OpenCLIPText(nn.Module):
         self.token_dim = int(getattr(self.model, "width", 0) or getattr(getattr(self.model, "config", None),
                                                                        "hidden_size", self.output_dim))
 
+    def position_table(self) -> torch.Tensor | None:
+        """(context length, width): CLIP's text position embeddings (None for a custom HF text tower)."""
+        return getattr(self.model, "positional_embedding", None)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextOutput:
         out = self.model(input_ids)  # open_clip's towers find padding (and the end of text) from the ids
         pooled, tokens = out if isinstance(out, tuple) else (out, out.unsqueeze(1))

@@ -84,6 +84,10 @@ class SmallTextTransformer(nn.Module):
     def input_embeddings(self) -> nn.Embedding:
         return self.embed
 
+    def position_table(self) -> torch.Tensor:
+        """(max_length, width): the learned position embeddings (CLIP4Clip starts frame positions from them)."""
+        return self.pos_embed[0]
+
 
 @TEXT_ENCODERS.register("hf:")
 class HFTextEncoder(nn.Module):

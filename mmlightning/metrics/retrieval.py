@@ -4,7 +4,9 @@ Protocol (as LAVIS and the COCO/Flickr papers): an image query is a hit at K if 
 captions is among the K nearest texts; a text query is a hit if its own image is among the K
 nearest images. ``*_str`` variants also accept an identical caption string belonging to
 another image: in a synthetic world many images share a caption, and picking one of them is
-not an error.
+not an error. ``{dir}_MdR`` and ``{dir}_MnR`` are the median and mean rank (1 = first) of a
+query's best-ranked own match, as the video retrieval papers report them. ``directions``
+names the two directions (``("v2t", "t2v")`` for videos).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from mmlightning.metrics.samples import first_occurrences
 class RetrievalRecall(Metric):
     full_state_update = False
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024) -> None:
+    def __init__(self, ks: tuple[int, ...] = (1, 5, 10), chunk: int = 1024,
+                 directions: tuple[str, str] = ("i2t", "t2i")) -> None:
         super().__init__()
-        self.ks, self.chunk = tuple(ks), chunk
+        self.ks, self.chunk, self.directions = tuple(ks), chunk, tuple(directions)
         for name in ("image_features", "image_ids", "text_features", "text_image_ids", "caption_ids", "text_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -56,13 +59,28 @@ class RetrievalRecall(Metric):
         t2i = self._topk(texts, images, kmax)  # (n_txt, k) image rows
         hit_t_own = t2i == owner_row[:, None]
         hit_t_str = torch.isin(t2i * n_cap + cap[:, None], image_has_caption)
+        i2t, t2i = self.directions
         for k in self.ks:
-            out[f"i2t_R@{k}"] = hit_own[:, :k].any(1).float().mean()
-            out[f"t2i_R@{k}"] = hit_t_own[:, :k].any(1).float().mean()
-            out[f"i2t_R@{k}_str"] = hit_str[:, :k].any(1).float().mean()
-            out[f"t2i_R@{k}_str"] = hit_t_str[:, :k].any(1).float().mean()
-        out["mean_recall"] = torch.stack([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in self.ks]).mean()
+            out[f"{i2t}_R@{k}"] = hit_own[:, :k].any(1).float().mean()
+            out[f"{t2i}_R@{k}"] = hit_t_own[:, :k].any(1).float().mean()
+            out[f"{i2t}_R@{k}_str"] = hit_str[:, :k].any(1).float().mean()
+            out[f"{t2i}_R@{k}_str"] = hit_t_str[:, :k].any(1).float().mean()
+        out["mean_recall"] = torch.stack([out[f"{d}_R@{k}"] for d in self.directions for k in self.ks]).mean()
+        own = owner_row[None, :] == rows  # (n_img, n_txt): text j is one of image i's captions
+        for name, ranks in ((i2t, self._ranks(images, texts, own)), (t2i, self._ranks(texts, images, own.T))):
+            out[f"{name}_MdR"] = ranks.float().quantile(0.5)  # as np.median: halfway between two middles
+            out[f"{name}_MnR"] = ranks.float().mean()
         return out
+
+    def _ranks(self, queries: torch.Tensor, gallery: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Each query's rank (1 = first) of its best-scored positive: 1 + the gallery items
+        scored above it (ties counted in the query's favour)."""
+        ranks = []
+        for q, pos in zip(queries.split(self.chunk), positive.split(self.chunk)):
+            scores = q @ gallery.T
+            best = scores.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values
+            ranks.append(1 + (scores > best).sum(1))
+        return torch.cat(ranks)
 
     def _topk(self, queries: torch.Tensor, gallery: torch.Tensor, k: int) -> torch.Tensor:
         k = min(k, len(gallery))

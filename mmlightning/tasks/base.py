@@ -18,7 +18,7 @@ from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.errors import UserError
 from mmlightning.fault_tolerance import load_checkpoint
 from mmlightning.optim import build_optimizer
-from mmlightning.registry import OPTIMIZERS, SCHEDULERS
+from mmlightning.registry import OPTIMIZERS, SCHEDULERS, did_you_mean
 from mmlightning.report_blocks import section, table
 from mmlightning.runs import eval_checkpoint
 
@@ -31,9 +31,11 @@ class DataSpec:
     tokenizer: Any
     max_length: int
     image_config: ImageConfig
+    max_frames: int | None = None  # video tasks: the frames of a clip (video data modules take it)
 
     def as_kwargs(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer, "max_length": self.max_length, "image_config": self.image_config}
+        frames = {} if self.max_frames is None else {"max_frames": self.max_frames}
+        return {"tokenizer": self.tokenizer, "max_length": self.max_length, "image_config": self.image_config, **frames}
 
 
 def read_run_checkpoint(source: str | Path, key: str) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
@@ -85,11 +87,13 @@ class TaskModule(L.LightningModule):
         """Called once the data module exists, before any checkpoint is loaded: for parts
         whose size comes from the data (e.g. the VQA answer vocabulary)."""
 
-    def init_towers_from(self, source: str | Path, towers: dict[str, nn.Module], optional: tuple[str, ...] = ()) -> None:
+    def init_towers_from(self, source: str | Path, towers: dict[str, nn.Module],
+                         optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """Copy pretrained towers (e.g. ``{"vision": self.vision}``) from a checkpoint file or
         run directory of another task; the ``optional`` ones only where that run has them (a
         fusion encoder from fusion pretraining, not from a CLIP run). Each must be built as in
-        that run; if not, the error shows the spec that run used."""
+        that run; if not, the error shows the spec that run used. Returns that run's state
+        dict, for what is not a module (a temperature)."""
         path, ckpt, state = read_run_checkpoint(source, "model.init_from")
         source_model = (ckpt.get("mmlightning_recipe") or {}).get("model") or {}
         for name, tower in towers.items():
@@ -106,6 +110,7 @@ class TaskModule(L.LightningModule):
                 raise UserError(f"model.init_from: the {name} tower in {path} does not fit this recipe's "
                                   f"model.{name}; that run built it as {source_model.get(name, '(unknown)')}. "
                                   f"Use the same spec. ({str(err).splitlines()[0]})") from None
+        return state
 
     def train(self, mode: bool = True) -> TaskModule:
         """Train mode follows trainability: every module with a trainable parameter trains (its
@@ -139,13 +144,34 @@ class TaskModule(L.LightningModule):
         # used in; AutoModel.from_pretrained returns eval, which would train with dropout off.
         self.train()
 
+    def set_lr_scale(self, lr_scale: dict[str, float] | None, key: str = "model.lr_scale") -> None:
+        """Learning rates per part of the model (``model.lr_scale: {vision: 0.1}``): each key a
+        top-level part (``vision``, ``text``, ``projector``, ...) whose parameters train at
+        ``optimizer.lr`` times its value; the rest at ``optimizer.lr``. Call after the parts
+        are built: a key that names none fails, listing them."""
+        parts = sorted({name.split(".", 1)[0] for name, _ in self.named_parameters()})
+        self.lr_scale = dict(lr_scale or {})
+        for part, value in self.lr_scale.items():
+            if part not in parts:
+                raise UserError(f"{key}.{part}: not a part of this model.{did_you_mean(part, parts)} Parts: "
+                                  f"{', '.join(parts)}.")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise UserError(f"{key}.{part} must be a number >= 0, got {value!r}.")
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """No weight decay on biases, norm gains and the temperature (as CLIP and open_clip)."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        """No weight decay on biases, norm gains and the temperature (as CLIP and open_clip);
+        each part at ``lr * lr_scale`` where ``set_lr_scale`` gave it one (0: it does not train)."""
+        lr_scale = getattr(self, "lr_scale", {})
+        lr = float(self.optimizer_spec.get("lr", 1e-3))
+        grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            scale = float(lr_scale.get(name.split(".", 1)[0], 1.0))
+            if p.requires_grad and scale > 0:
+                grouped.setdefault((scale, p.ndim >= 2), []).append(p)
+        if not grouped:
+            raise UserError("model: nothing trains (every part frozen or at model.lr_scale 0).")
+        return [{"params": params, **({} if scale == 1.0 else {"lr": lr * scale}),
+                 **({} if decay else {"weight_decay": 0.0})} for (scale, decay), params in grouped.items()]
 
     # ------------------------------------------------------------------ hooks into the Trainer
     def configure_trainer(self, trainer_kwargs: dict[str, Any]) -> dict[str, Any]:

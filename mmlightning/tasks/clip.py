@@ -19,7 +19,7 @@ from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.encoders.weights import freeze_tower
 from mmlightning.errors import UserError
 from mmlightning.metrics import RetrievalRecall, TopKAccuracy
-from mmlightning.registry import LOSSES, PRETRAINED_CLIPS, PROJECTIONS, TASKS, TEXT_ENCODERS, VISION_ENCODERS
+from mmlightning.registry import LOSSES, PRETRAINED_CLIPS, PROJECTIONS, TASKS, TEMPORAL_AGGREGATORS, TEXT_ENCODERS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule, most_probable_classes, read_run_checkpoint
 
@@ -56,7 +56,9 @@ class CLIPTask(TaskModule):
                  scheduler: dict[str, Any] | None = None, embed_dim: int | None = None,
                  projection: dict[str, Any] | None = None, freeze_vision: bool = False,
                  unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0,
-                 accumulate_batches: int = 1) -> None:
+                 accumulate_batches: int = 1, temporal: dict[str, Any] | None = None,
+                 lr_scale: dict[str, float] | None = None, init_from: str | None = None,
+                 init_towers: tuple[str, ...] | list[str] = ("vision", "text")) -> None:
         super().__init__(optimizer, scheduler)
         if accumulate_batches < 1:
             raise UserError(f"model.accumulate_batches must be >= 1, got {accumulate_batches}.")
@@ -92,15 +94,54 @@ class CLIPTask(TaskModule):
         if bias is not None and source is not None and source.logit_bias is not None:
             bias = source.logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(float(bias))) if bias is not None else None
-        self.retrieval = nn.ModuleDict({"val": RetrievalRecall(), "test": RetrievalRecall()})
+        if init_from:  # another CLIP run's towers with their projections (an image CLIP for a video one)
+            towers = list(init_towers)
+            if not towers or any(t not in ("vision", "text") for t in towers):
+                raise UserError(f"model.init_towers: {towers}; give vision, text or both (each comes with its "
+                                  f"projection; both bring the temperature too).")
+            parts = {f"{t}{suffix}": getattr(self, f"{t}{suffix}") for t in towers for suffix in ("", "_proj")}
+            state = self.init_towers_from(init_from, parts)
+            if len(towers) == 2:
+                with torch.no_grad():
+                    self.logit_scale.copy_(state["logit_scale"])
+        # videos (CLIP4Clip): each frame through the image tower and projection, then a
+        # temporal aggregation by name into one embedding per video
+        self.temporal = TEMPORAL_AGGREGATORS.build(temporal, "model.temporal", dim=embed_dim) if temporal else None
+        if self.temporal is not None and hasattr(self.temporal, "init_positions"):
+            table = self.text.position_table() if hasattr(self.text, "position_table") else None
+            self.temporal.init_positions(None if table is None else table.detach(), "model.text")
+        directions = ("v2t", "t2v") if self.temporal is not None else ("i2t", "t2i")
+        self.epoch_line_metrics = (f"{directions[0]}_R@1", f"{directions[1]}_R@1", "mean_recall", "zs_top1")
+        self.retrieval = nn.ModuleDict({stage: RetrievalRecall(directions=directions) for stage in ("val", "test")})
         self.zero_shot: dict[str, TopKAccuracy] = {}
         self.classifier: torch.Tensor | None = None
+        self.set_lr_scale(lr_scale)  # CLIP4Clip: the pretrained towers slower than the new temporal module
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(self.text.tokenizer, self.text.max_length, self.vision.image_config)
+        max_frames = self.temporal.max_frames if self.temporal is not None else None
+        return DataSpec(self.text.tokenizer, self.text.max_length, self.vision.image_config, max_frames)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(self.vision(images).pooled), dim=-1)
+
+    def encode_video(self, video: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """(B, F, 3, H, W) frames and their mask (B, F) -> (B, D) normalised video embeddings:
+        each real frame through the image tower and projection, then ``model.temporal``."""
+        b, f = frame_mask.shape
+        real = frame_mask.reshape(-1).bool()
+        features = self.vision_proj(self.vision(video.reshape(b * f, *video.shape[2:])[real]).pooled)
+        frames = features.new_zeros(b * f, features.shape[-1]).masked_scatter(real[:, None], features)
+        return F.normalize(self.temporal(frames.view(b, f, -1), frame_mask), dim=-1)
+
+    def encode_visual(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A batch's images or videos as normalised embeddings (a video batch holds ``video``
+        and ``frame_mask`` where an image batch holds ``image``)."""
+        if "video" in batch:
+            if self.temporal is None:
+                raise UserError("the data are videos, and this CLIP has no model.temporal to aggregate their frames: "
+                                  "set model.temporal={name: transformer, max_frames: N} (or mean).")
+            return self.encode_video(batch["video"], batch["frame_mask"])
+        return self.encode_image(batch["image"])
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(input_ids, attention_mask).pooled), dim=-1)
@@ -117,7 +158,7 @@ class CLIPTask(TaskModule):
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The contrastive loss of one batch, its own negatives only."""
-        image = self.encode_image(batch["image"])
+        image = self.encode_visual(batch)
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         return self.loss_fn(image, text, self.temperature_scale(), caption_ids=batch.get("caption_id"),
                             logit_bias=self.logit_bias)
@@ -146,7 +187,7 @@ class CLIPTask(TaskModule):
         still see one batch at a time."""
         rng = self._rng_state()
         with torch.no_grad():
-            features = (self.encode_image(batch["image"]), self.encode_text(batch["input_ids"], batch["attention_mask"]))
+            features = (self.encode_visual(batch), self.encode_text(batch["input_ids"], batch["attention_mask"]))
         self._cached.append((batch, rng, *features))
         if len(self._cached) < self.accumulate_batches:
             return None
@@ -165,7 +206,7 @@ class CLIPTask(TaskModule):
             sync = j == last
             no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)  # parallel strategies only
             with contextlib.nullcontext() if sync or no_sync is None else no_sync():
-                image = self.encode_image(micro["image"])
+                image = self.encode_visual(micro)
                 text = self.encode_text(micro["input_ids"], micro["attention_mask"])
                 loss = self.loss_fn(torch.cat([*images[:j], image, *images[j + 1:]]),
                                     torch.cat([*texts[:j], text, *texts[j + 1:]]),
@@ -241,7 +282,7 @@ class CLIPTask(TaskModule):
         self.build_zero_shot_classifier()
 
     def evaluate_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> None:
-        image = self.encode_image(batch["image"])
+        image = self.encode_visual(batch)
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         self.score_embeddings(batch, stage, image, text)
 
@@ -266,16 +307,20 @@ class CLIPTask(TaskModule):
 
     def report_sections(self, test_metrics: dict[str, float]) -> list[dict[str, Any]]:
         m, ks = test_metrics, self.retrieval["test"].ks
-        rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks]
-                for name, key, suffix in (("image→text", "i2t", ""), ("text→image", "t2i", ""),
-                                          ("image→text, caption-string match", "i2t", "_str"),
-                                          ("text→image, caption-string match", "t2i", "_str"))]
+        i2t, t2i = self.retrieval["test"].directions
+        thing = "video" if self.temporal is not None else "image"
+        rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks] + [m.get(f"{key}_MdR", ""), m.get(f"{key}_MnR", "")]
+                for name, key, suffix in ((f"{thing}→text", i2t, ""), (f"text→{thing}", t2i, ""),
+                                          (f"{thing}→text, caption-string match", i2t, "_str"),
+                                          (f"text→{thing}, caption-string match", t2i, "_str"))]
         return [section("Retrieval (test split)",
-                        {"image→text R@1": m["i2t_R@1"], "text→image R@1": m["t2i_R@1"], "mean recall": m["mean_recall"]},
-                        [table(["direction"] + [f"R@{k}" for k in ks], rows, f"mean recall {m['mean_recall']:.4f}")],
-                        ["An image query hits at K if any of its captions is among the K nearest texts; a text "
-                         "query if its own image is among the K nearest images. Caption-string match also counts "
-                         "another image's identical caption."])]
+                        {f"{thing}→text R@1": m[f"{i2t}_R@1"], f"text→{thing} R@1": m[f"{t2i}_R@1"],
+                         "mean recall": m["mean_recall"]},
+                        [table(["direction"] + [f"R@{k}" for k in ks] + ["MdR", "MnR"], rows,
+                               f"mean recall {m['mean_recall']:.4f}")],
+                        [f"An {thing} query hits at K if any of its captions is among the K nearest texts; a text "
+                         f"query if its own {thing} is among the K nearest. Caption-string match also counts "
+                         f"another {thing}'s identical caption. MdR / MnR: median / mean rank of the own match."])]
 
     def evaluate_epoch_end(self, stage: str) -> None:
         metrics = dict(self.retrieval[stage].compute())
@@ -301,7 +346,7 @@ def load_clip(source: str, where: str = "model.clip") -> CLIPTask:
                         f"clip recipe (mml ls), or a pretrained CLIP (open_clip:..., hf:...).")
     # how that run trained (which towers it locked, its accumulation) is not part of the
     # model: every weight comes back trainable, and the task building on it decides
-    training_only = ("accumulate_batches", "freeze_vision", "unfrozen_vision_groups", "freeze_text",
+    training_only = ("accumulate_batches", "init_from", "init_towers", "lr_scale", "freeze_vision", "unfrozen_vision_groups", "freeze_text",
                      "unfrozen_text_groups")
     model = {k: v for k, v in (recipe.get("model") or {}).items() if k not in training_only}
     clip = CLIPTask(**model, loss=recipe["loss"], optimizer=recipe["optimizer"], scheduler=recipe.get("scheduler"))

@@ -32,7 +32,7 @@ from mmlightning.errors import UserError
 from mmlightning.fusion import coordinate_maps
 from mmlightning.metrics import CaptionMetrics, VQAAccuracy
 from mmlightning.metrics.vqa import vqa_accuracy
-from mmlightning.registry import LANGUAGE_MODELS, LOSSES, PROJECTIONS, TASKS, VISION_ENCODERS, did_you_mean
+from mmlightning.registry import LANGUAGE_MODELS, LOSSES, PROJECTIONS, TASKS, VISION_ENCODERS
 from mmlightning.report_blocks import section, table
 from mmlightning.tasks.base import DataSpec, TaskModule
 from mmlightning.tasks.captioning import generation_options
@@ -40,7 +40,6 @@ from mmlightning.tasks.captioning import generation_options
 SAMPLES_PER_TABLE = 16
 VLM_GENERATION = {"num_beams": 1, "max_new_tokens": 32, "min_new_tokens": 1, "length_penalty": 1.0,
                   "do_sample": False, "top_p": 1.0}
-PARTS = ("vision", "projector", "lm")
 
 
 @TASKS.register("vlm")
@@ -83,17 +82,11 @@ class VLMTask(TaskModule):
             self.lm.add_lora(dict(lora), "model.lora")
         elif freeze_lm:
             freeze_tower(self.lm, True, 0, "model.freeze_lm")
-        self.lr_scale = dict(lr_scale or {})
-        for key, value in self.lr_scale.items():
-            if key not in PARTS:
-                raise UserError(f"model.lr_scale.{key}: not a part of this model.{did_you_mean(key, list(PARTS))} "
-                                  f"Parts: {', '.join(PARTS)}.")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise UserError(f"model.lr_scale.{key} must be a number >= 0, got {value!r}.")
         if max_length > self.lm.max_positions:
             raise UserError(f"model.max_length={max_length} exceeds the language model's {self.lm.max_positions} "
                               f"positions.")
         self.chat = ChatFormat(self.lm.tokenizer, image_tokens, max_length)
+        self.set_lr_scale(lr_scale)
         self.loss_fn = LOSSES.build(loss, "loss")
         self.generation = generation_options(generation, VLM_GENERATION)
         self.caption_metrics = {"val": CaptionMetrics(), "test": CaptionMetrics()}
@@ -123,23 +116,6 @@ class VLMTask(TaskModule):
                 self.metrics[f"{stage}_{name}"] = VQAAccuracy(self.question_types)
             for name in ("groups", "blind_groups", "zeroed_groups"):
                 self.metrics[f"{stage}_{name}"] = VQAAccuracy(self.group_names)
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """As every task (no weight decay on gains and biases), each part at ``lr * lr_scale``."""
-        lr = float(self.optimizer_spec.get("lr", 1e-3))
-        groups = []
-        for part in PARTS:
-            live = [p for p in getattr(self, part).parameters() if p.requires_grad]
-            scale = self.lr_scale.get(part, 1.0)
-            if not live or scale == 0:
-                continue
-            for decay in (True, False):
-                chosen = [p for p in live if (p.ndim >= 2) == decay]
-                if chosen:
-                    groups.append({"params": chosen, "lr": lr * scale, **({} if decay else {"weight_decay": 0.0})})
-        if not groups:
-            raise UserError("model: nothing trains (vision, projector and LM all frozen or at lr_scale 0).")
-        return groups
 
     # ------------------------------------------------------------------ the model
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor, zero_image: bool = False) -> torch.Tensor:
