@@ -25,6 +25,7 @@ TABLE_REGISTRIES = {
     "model.prompt": [registry.PROMPT_LEARNERS],
     "model.decoder": [registry.TEXT_DECODERS],
     "model.lm": [registry.LANGUAGE_MODELS],
+    "model.temporal": [registry.TEMPORAL_AGGREGATORS],
     "loss": [registry.LOSSES],
     "data": [registry.DATA_MODULES],
     "optimizer / schedule": [registry.OPTIMIZERS, registry.SCHEDULERS],
