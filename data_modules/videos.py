@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlightning.data_modules import shapes_video
-from mmlightning.data_modules.common import SplitDataModule, normalize_uint8, string_ids
+from mmlightning.data_modules.common import SampleIndex, SplitDataModule, normalize_uint8, string_ids
 from mmlightning.data_modules.transforms import eval_transform
 from mmlightning.data_modules.video_io import VideoError, check_decoder, pad_clip, read_clip, sample_indices
 from mmlightning.encoders.outputs import ImageConfig
@@ -97,24 +97,35 @@ def as_batch_frames(clips: list[tuple[Any, np.ndarray]], image_config: ImageConf
     return frames, masks
 
 
+def sample_seed(index: Any) -> int:
+    return int(getattr(index, "seed", int(index)))
+
+
 def sample_rng(index: Any) -> np.random.Generator:
     """The training sample's own seed (``SampleIndex.seed``), so a resumed run draws the same frames."""
-    return np.random.default_rng(getattr(index, "seed", int(index)))
+    return np.random.default_rng(sample_seed(index))
 
 
 class VideoPairs(Dataset):
-    """Training pairs: each (video, caption), frames drawn one per segment at random."""
+    """Training pairs: each (video, caption), frames drawn one per segment at random.
+    ``partner[i]``: a pair that comes into every batch with pair i (the shapes videos'
+    time-reversed twin, a negative only the order of the frames tells apart); the dataset's
+    length counts the pairs without partners."""
 
     def __init__(self, clips: Any, owner: list[int], captions: list[str], tokenizer: Any, max_length: int,
-                 image_config: ImageConfig) -> None:
+                 image_config: ImageConfig, partner: list[int] | None = None) -> None:
         self.clips, self.owner, self.image_config = clips, torch.tensor(owner), image_config
         self.text = tokenize(tokenizer, captions, max_length)
         self.caption_id = string_ids(captions)
+        self.partner = partner
+        self.length = len(owner) if partner is None else len(owner) // 2
 
     def __len__(self) -> int:
-        return len(self.owner)
+        return self.length
 
     def __getitems__(self, indices: list[Any]) -> dict[str, torch.Tensor]:
+        if self.partner is not None:  # each pair and its partner, the partner's frames from its own draw
+            indices = [j for i in indices for j in (i, SampleIndex(self.partner[int(i)], sample_seed(i) + 1))]
         idx = torch.as_tensor([int(i) for i in indices])
         video, mask = as_batch_frames([self.clips(int(self.owner[i]), True, sample_rng(i)) for i in indices],
                                       self.image_config)
@@ -160,9 +171,11 @@ class ShapesVideoData(SplitDataModule):
 
     def __init__(self, tokenizer: Any, max_length: int, image_config: ImageConfig, max_frames: int | None = None,
                  num_train: int = 6000, num_val: int = 500, num_test: int = 1000, num_frames: int = 12, seed: int = 0,
-                 batch_size: int = 64, eval_batch_size: int = 250, num_workers: int = 0, shuffle_seed: int = 0) -> None:
+                 reversed_twins: bool = False, batch_size: int = 64, eval_batch_size: int = 250, num_workers: int = 0,
+                 shuffle_seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed)
         self.max_frames = need_frames(max_frames, "shapes_videos")
+        self.reversed_twins = reversed_twins
         self.tokenizer, self.max_length, self.image_config = tokenizer, max_length, image_config
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.num_frames, self.seed = num_frames, seed
@@ -174,6 +187,12 @@ class ShapesVideoData(SplitDataModule):
     def build_split(self, split: str) -> Dataset:
         scenes = self.scenes(split)
         clips = ShapesClips(scenes, self.image_config.size, self.max_frames)
+        if split == "train" and self.reversed_twins:  # each video's time-reversed copy in its batch, as a negative
+            n = len(scenes)
+            clips.scenes = scenes + [shapes_video.reverse(s) for s in scenes]
+            partner = list(range(n, 2 * n)) + list(range(n))
+            return VideoPairs(clips, list(range(2 * n)), [s.caption for s in clips.scenes], self.tokenizer,
+                              self.max_length, self.image_config, partner)
         if split == "train":
             return VideoPairs(clips, list(range(len(scenes))), [s.caption for s in scenes], self.tokenizer,
                               self.max_length, self.image_config)

@@ -214,9 +214,9 @@ class ProgressBar(RichProgressBar):
 
 
 def batch_size_of(batch: Any) -> int:
-    """Samples in a batch: the length of its images (every task's batches carry them)."""
-    images = batch.get("image") if isinstance(batch, dict) else None
-    return int(images.shape[0]) if images is not None else 0
+    """Samples in a batch: the length of its images or videos (every task's batches carry one)."""
+    visual = (batch.get("image", batch.get("video")) if isinstance(batch, dict) else None)
+    return int(visual.shape[0]) if visual is not None else 0
 
 
 class FitHeader(L.Callback):

@@ -232,3 +232,89 @@ def test_video_settings_that_do_not_fit_name_the_key() -> None:
         build_datamodule(cfg, build_task(cfg))
     with pytest.raises(UserError, match="data.video_decoder: 'decord' is not a video decoder; valid: pyav, torchcodec"):
         vio.check_decoder("decord")
+
+
+DDP_SCRIPT = '''
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, os.environ["TESTS"])
+from tiny import SHAPES_VIDEO
+from mmlightning.build import build_datamodule, build_task
+from mmlightning import config as C
+
+def batch_and_task():
+    cfg = C.resolve(C.load_recipe("video-clip-shapes", [*SHAPES_VIDEO, "data.num_frames=12"]))
+    torch.manual_seed(0)
+    task = build_task(cfg)
+    data = build_datamodule(cfg, task)
+    data.setup("fit")
+    batch = data.datasets["train"].__getitems__(list(range(16)))  # frames drawn from each sample's seed
+    return task.eval(), batch  # eval: no dropout, BatchNorm on its running statistics
+
+def grads(task, batch):
+    loss = task.batch_loss(batch)
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+if os.environ.get("RANK") is None:
+    task, batch = batch_and_task()
+    loss, g = grads(task, batch)
+    torch.save({"loss": loss, "grads": g}, "one.pt")
+else:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    task, batch = batch_and_task()
+    local = {k: v[rank * 8:rank * 8 + 8] for k, v in batch.items()}
+    width = int(local["attention_mask"].sum(1).max())  # a rank pads to its own longest caption
+    local["input_ids"], local["attention_mask"] = local["input_ids"][:, :width], local["attention_mask"][:, :width]
+    loss, g = grads(task, local)
+    for value in g.values():
+        dist.all_reduce(value)
+        value /= world  # what DDP does
+    losses = [None] * world
+    dist.all_gather_object(losses, loss)
+    if rank == 0:
+        torch.save({"loss": sum(losses) / world, "grads": g}, "two.pt")
+    dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path: Path) -> None:
+    """Video retrieval under DDP: each rank's 8 videos against all 16 captions (the gathered
+    features), so loss and gradients equal one process's over the 16."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    env = {**os.environ, "TESTS": str(Path(__file__).parent)}
+    one = subprocess.run([sys.executable, "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29541",
+                          "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
+    assert set(a["grads"]) == set(b["grads"]) and any("temporal" in name for name in a["grads"])
+    for name, grad in a["grads"].items():
+        assert torch.allclose(grad, b["grads"][name], atol=1e-5, rtol=1e-3), name
+
+
+def test_reversed_twins_come_into_the_batch_with_their_videos() -> None:
+    """data.reversed_twins: every training video's time-reversed copy, with its own caption,
+    in the same batch: the negative that only the order of the frames tells apart."""
+    cfg, task = video_task("data.reversed_twins=true", "data.num_frames=8")  # 8 of 8 frames: all, in order
+    data = build_datamodule(cfg, task)
+    data.setup("fit")
+    assert len(data.datasets["train"]) == 48
+    batch = next(iter(data.train_dataloader()))
+    assert len(batch["video"]) == 16  # 8 pairs and their twins
+    scenes = data.scenes("train")
+    words = task.text.tokenizer
+    for k in range(0, 16, 2):
+        video, twin = batch["video"][k], batch["video"][k + 1]
+        torch.testing.assert_close(twin, video.flip(0))  # the same frames, backwards
+        first = scenes[int(batch["image_id"][k])]
+        caption = words.decode(batch["input_ids"][k + 1], skip_special_tokens=True)
+        assert caption == shapes_video.reverse(first).caption != first.caption

@@ -111,7 +111,10 @@ class CLIPTask(TaskModule):
             table = self.text.position_table() if hasattr(self.text, "position_table") else None
             self.temporal.init_positions(None if table is None else table.detach(), "model.text")
         directions = ("v2t", "t2v") if self.temporal is not None else ("i2t", "t2i")
-        self.epoch_line_metrics = (f"{directions[0]}_R@1", f"{directions[1]}_R@1", "mean_recall", "zs_top1")
+        # videos: many share a caption (the shapes ones), so the caption-string match is the one to watch
+        suffix = "_str" if self.temporal is not None else ""
+        self.epoch_line_metrics = (f"{directions[0]}_R@1{suffix}", f"{directions[1]}_R@1{suffix}", "mean_recall",
+                                   "zs_top1")
         self.retrieval = nn.ModuleDict({stage: RetrievalRecall(directions=directions) for stage in ("val", "test")})
         self.zero_shot: dict[str, TopKAccuracy] = {}
         self.classifier: torch.Tensor | None = None
