@@ -5,7 +5,8 @@ embedding (B, D), for video-text retrieval (CLIP4Clip, Luo et al. 2021).
   frames. It cannot tell a video from the same video played backwards.
 - ``transformer`` (CLIP4Clip's seqTransf): frame position embeddings added, a transformer over
   the frames (padding masked), its output added back to the input (a residual around the
-  whole stack, so it starts near meanP), then meanP. CLIP4Clip initialises the frame positions
+  whole stack, so it starts near meanP), then meanP. Unlike CLIP4Clip the frame embeddings are
+  L2-normalised before the positions are added, so a tower's feature scale does not drown them. CLIP4Clip initialises the frame positions
   from CLIP's text position embeddings; ``init_positions`` below does the same from any text
   tower whose position table has the embedding's width.
 """
@@ -75,6 +76,9 @@ class TemporalTransformer(nn.Module):
     def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if frames.shape[1] > self.max_frames:
             raise UserError(f"a clip of {frames.shape[1]} frames, past model.temporal.max_frames={self.max_frames}.")
+        # unit-length frames first (meanP normalises them too): at a tower's own scale (the shapes
+        # CLIP's frame embeddings have norms near 80) the positions would be lost in the pre-norm
+        frames = F.normalize(frames, dim=-1)
         x = frames + self.positions[:frames.shape[1]].to(frames.dtype)
         x = self.transformer(x, src_key_padding_mask=~mask.bool()) + frames
         return masked_mean(x, mask)

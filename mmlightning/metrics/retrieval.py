@@ -5,7 +5,9 @@ captions is among the K nearest texts; a text query is a hit if its own image is
 nearest images. ``*_str`` variants also accept an identical caption string belonging to
 another image: in a synthetic world many images share a caption, and picking one of them is
 not an error. ``{dir}_MdR`` and ``{dir}_MnR`` are the median and mean rank (1 = first) of a
-query's best-ranked own match, as the video retrieval papers report them. ``directions``
+query's best-ranked own match, as the video retrieval papers report them; an identical
+caption of another item scores the same and ties count in the query's favour, so where
+captions repeat (the shapes world) the ranks read as the caption-string match. ``directions``
 names the two directions (``("v2t", "t2v")`` for videos).
 """
 
