@@ -137,7 +137,7 @@ def build_report(task: Any, recipe: str, checkpoint: Path, test_metrics: dict[st
 
 # ---------------------------------------------------------------------- rendering
 def _cell(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 def to_markdown(report: dict[str, Any]) -> str:

@@ -62,7 +62,8 @@ def test_clip_report_has_every_section(clip_run: Path, tmp_path: Path, capsys: p
     assert list(sections) == ["Retrieval (test split)", "Zero-shot classification: shapes", "Linear probe: shapes",
                               "Zero-shot classification: my_classes", "Linear probe: my_classes"]
     retrieval = sections["Retrieval (test split)"]["tables"][0]
-    assert retrieval["columns"] == ["direction", "R@1", "R@5", "R@10"]
+    assert retrieval["columns"] == ["direction", "R@1", "R@5", "R@10", "MdR", "MnR"]
+    assert retrieval["rows"][1][4] == pytest.approx(report["test_metrics"]["test/t2i_MdR"])
     assert [r[0] for r in retrieval["rows"]][:2] == ["image→text", "text→image"]
     assert retrieval["rows"][0][1] == pytest.approx(report["test_metrics"]["test/i2t_R@1"])
     assert report["headline"]["mean recall"] == pytest.approx(report["test_metrics"]["test/mean_recall"])

@@ -111,10 +111,8 @@ class CLIPTask(TaskModule):
             table = self.text.position_table() if hasattr(self.text, "position_table") else None
             self.temporal.init_positions(None if table is None else table.detach(), "model.text")
         directions = ("v2t", "t2v") if self.temporal is not None else ("i2t", "t2i")
-        # videos: many share a caption (the shapes ones), so the caption-string match is the one to watch
-        suffix = "_str" if self.temporal is not None else ""
-        self.epoch_line_metrics = (f"{directions[0]}_R@1{suffix}", f"{directions[1]}_R@1{suffix}", "mean_recall",
-                                   "zs_top1")
+        if self.temporal is not None:  # many videos share a caption: the caption-string match is the one to watch
+            self.epoch_line_metrics = ("v2t_R@1_str", "t2v_R@1_str", "mean_recall")
         self.retrieval = nn.ModuleDict({stage: RetrievalRecall(directions=directions) for stage in ("val", "test")})
         self.zero_shot: dict[str, TopKAccuracy] = {}
         self.classifier: torch.Tensor | None = None
@@ -312,7 +310,8 @@ class CLIPTask(TaskModule):
         m, ks = test_metrics, self.retrieval["test"].ks
         i2t, t2i = self.retrieval["test"].directions
         thing = "video" if self.temporal is not None else "image"
-        rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks] + [m.get(f"{key}_MdR", ""), m.get(f"{key}_MnR", "")]
+        rows = [[name] + [m[f"{key}_R@{k}{suffix}"] for k in ks] +
+                [(None if suffix else m.get(f"{key}_{rank}")) for rank in ("MdR", "MnR")]
                 for name, key, suffix in ((f"{thing}→text", i2t, ""), (f"text→{thing}", t2i, ""),
                                           (f"{thing}→text, caption-string match", i2t, "_str"),
                                           (f"text→{thing}, caption-string match", t2i, "_str"))]

@@ -52,14 +52,16 @@ class FusionPretrainTask(CLIPTask):
                  unfrozen_vision_groups: int = 0, freeze_text: bool = False, unfrozen_text_groups: int = 0,
                  weights: dict[str, float] | None = None, mlm_probability: float = 0.15,
                  word_groups: dict[str, list[str]] | None = None, rerank_k: int = 16,
-                 accumulate_batches: int = 1) -> None:
+                 accumulate_batches: int = 1, init_from: str | None = None,
+                 init_towers: tuple[str, ...] | list[str] = ("vision", "text"),
+                 lr_scale: dict[str, float] | None = None) -> None:
         if accumulate_batches != 1:
             raise UserError("model.accumulate_batches: fusion pretraining steps one batch at a time (its hard "
                             "negatives come from the batch); raise data.batch_size instead.")
         super().__init__(loss=loss, optimizer=optimizer, vision=vision, text=text, pretrained=pretrained,
                          scheduler=scheduler, embed_dim=embed_dim, projection=projection, freeze_vision=freeze_vision,
                          unfrozen_vision_groups=unfrozen_vision_groups, freeze_text=freeze_text,
-                         unfrozen_text_groups=unfrozen_text_groups)
+                         unfrozen_text_groups=unfrozen_text_groups, init_from=init_from, init_towers=init_towers)
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in WEIGHTS}
         unknown = sorted(set(weights or {}) - set(WEIGHTS))
         if unknown:
@@ -78,6 +80,7 @@ class FusionPretrainTask(CLIPTask):
         params = inspect.signature(head).parameters
         self.fusion = FUSION_HEADS.build(fusion, "model.fusion", **{k: v for k, v in widths.items() if k in params})
         self.itm_head = nn.Linear(self.fusion.output_dim, 2)
+        self.set_lr_scale(lr_scale)  # again, now that the fusion encoder and heads are parts too
         self.mlm_head = nn.Sequential(nn.Linear(self.fusion.width, self.fusion.width), nn.GELU(),
                                       nn.LayerNorm(self.fusion.width), nn.Linear(self.fusion.width, len(self.text.tokenizer)))
         self.mlm_probability = mlm_probability
