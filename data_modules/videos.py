@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 from mmlightning.data_modules import shapes_video
 from mmlightning.data_modules.common import SampleIndex, SplitDataModule, normalize_uint8, string_ids
 from mmlightning.data_modules.transforms import eval_transform
-from mmlightning.data_modules.video_io import VideoError, check_decoder, pad_clip, read_clip, sample_indices
+from mmlightning.data_modules.video_io import VideoError, check_decoder, decode, pad_clip, probe, read_clip, sample_indices
 from mmlightning.encoders.outputs import ImageConfig
 from mmlightning.encoders.tokenizers import tokenize
 from mmlightning.errors import UserError
@@ -224,13 +224,11 @@ class VideoFileData(SplitDataModule):
         raise NotImplementedError
 
     def usable(self, split: str) -> tuple[list[Path], list[list[str]]]:
-        from mmlightning.data_modules.video_io import decode, probe
-
         paths, captions, listed = self.videos(split)
         keep, bad = [], []
         for k, path in enumerate(paths):
             try:
-                count, _ = probe(path, self.decoder)
+                probe(path, self.decoder)
                 decode(path, np.array([0]), self.decoder)
                 keep.append(k)
             except VideoError as err:

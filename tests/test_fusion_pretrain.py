@@ -5,8 +5,6 @@ pretrained fusion encoder."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,8 +81,9 @@ def test_a_tokenizer_without_a_mask_token_is_refused() -> None:
 
 DDP_SCRIPT = r'''
 import json, os, sys
-import torch, torch.distributed as dist
+import torch
 sys.path.insert(0, os.environ["TESTS"])
+from ddp_parity import compare
 from mmlightning.build import build_task
 from mmlightning import config as C
 from mmlightning.data_modules.shapes import ShapesCLIPData
@@ -100,46 +99,16 @@ def batch_and_task():
     batch = data.datasets["train"].__getitems__(list(range(16)))
     return task.eval(), batch  # eval: no dropout, BatchNorm on its running statistics
 
-def grads(task, batch):
-    loss = task.batch_loss(batch)
-    loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
-
-if os.environ.get("RANK") is None:
-    task, batch = batch_and_task()
-    loss, g = grads(task, batch)
-    torch.save({"loss": loss, "grads": g}, "one.pt")
-else:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    task, batch = batch_and_task()
-    rows = slice(rank * 8, rank * 8 + 8)
-    local = {k: v[rows] for k, v in batch.items()}
-    width = int(local["attention_mask"].sum(1).max())  # a rank pads to its own longest caption
-    local["input_ids"], local["attention_mask"] = local["input_ids"][:, :width], local["attention_mask"][:, :width]
-    loss, g = grads(task, local)
-    for value in g.values():
-        dist.all_reduce(value)
-        value /= world  # what DDP does
-    losses = [None] * world
-    dist.all_gather_object(losses, loss)
-    if rank == 0:
-        torch.save({"loss": sum(losses) / world, "grads": g}, "two.pt")
-    dist.destroy_process_group()
+compare(batch_and_task)
 '''
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
-    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    from ddp_parity import run
+
     overrides = json.dumps(["model.fusion={name: single_stream, width: 32, layers: 1, heads: 2, hidden_dim: 32}"])
-    env = {**__import__("os").environ, "OVERRIDES": overrides, "TESTS": str(Path(__file__).parent)}
-    one = subprocess.run([sys.executable, "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29533",
-                          "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    a, b = run(tmp_path, DDP_SCRIPT, port=29533, env={"OVERRIDES": overrides})
     assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
     assert set(a["grads"]) == set(b["grads"])
     for name, grad in a["grads"].items():

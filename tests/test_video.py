@@ -235,9 +235,10 @@ def test_video_settings_that_do_not_fit_name_the_key() -> None:
 
 
 DDP_SCRIPT = '''
-import json, os, sys
-import torch, torch.distributed as dist
+import os, sys
+import torch
 sys.path.insert(0, os.environ["TESTS"])
+from ddp_parity import compare
 from tiny import SHAPES_VIDEO
 from mmlightning.build import build_datamodule, build_task
 from mmlightning import config as C
@@ -248,54 +249,20 @@ def batch_and_task():
     task = build_task(cfg)
     data = build_datamodule(cfg, task)
     data.setup("fit")
-    batch = data.datasets["train"].__getitems__(list(range(16)))  # frames drawn from each sample's seed
+    batch = data.datasets["train"].__getitems__(list(range(16)))  # 16 videos and their twins, frames from each seed
     return task.eval(), batch  # eval: no dropout, BatchNorm on its running statistics
 
-def grads(task, batch):
-    loss = task.batch_loss(batch)
-    loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
-
-if os.environ.get("RANK") is None:
-    task, batch = batch_and_task()
-    loss, g = grads(task, batch)
-    torch.save({"loss": loss, "grads": g}, "one.pt")
-else:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    task, batch = batch_and_task()
-    half = len(batch["video"]) // world  # 16 videos and their twins: each rank 8 of each
-    local = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
-    width = int(local["attention_mask"].sum(1).max())  # a rank pads to its own longest caption
-    local["input_ids"], local["attention_mask"] = local["input_ids"][:, :width], local["attention_mask"][:, :width]
-    loss, g = grads(task, local)
-    for value in g.values():
-        dist.all_reduce(value)
-        value /= world  # what DDP does
-    losses = [None] * world
-    dist.all_gather_object(losses, loss)
-    if rank == 0:
-        torch.save({"loss": sum(losses) / world, "grads": g}, "two.pt")
-    dist.destroy_process_group()
+compare(batch_and_task)
 '''
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path: Path) -> None:
-    """Video retrieval under DDP: each rank's 8 videos against all 16 captions (the gathered
-    features), so loss and gradients equal one process's over the 16."""
-    import os
-    import subprocess
-    import sys
+    """Video retrieval under DDP: each rank's videos against all the captions (the gathered
+    features), so loss and gradients equal one process's over the whole batch."""
+    from ddp_parity import run
 
-    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
-    env = {**os.environ, "TESTS": str(Path(__file__).parent)}
-    one = subprocess.run([sys.executable, "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29541",
-                          "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    a, b = run(tmp_path, DDP_SCRIPT, port=29541)
     assert abs(a["loss"] - b["loss"]) < 1e-4, (a["loss"], b["loss"])
     assert set(a["grads"]) == set(b["grads"]) and any("temporal" in name for name in a["grads"])
     for name, grad in a["grads"].items():
